@@ -1,0 +1,99 @@
+"""Honest wall-clock timing of a GPU (or CPU) workload.
+
+CUDA kernels run asynchronously: a Python call returns while the GPU is still busy, so the device is
+synchronised on both sides of every timed call. The first call, where torch.compile compiles and
+caches warm up, is timed and reported on its own, never mixed into the steady-state numbers.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+def synchronize(device=None):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Measurement:
+    samples_s: list
+    first_call_s: float
+    warmup: int
+    peak_memory_gb: float | None = None
+    output: object = field(default=None, repr=False)
+
+    @property
+    def median_s(self):
+        return statistics.median(self.samples_s)
+
+    @property
+    def iqr_s(self):
+        """Interquartile range: the spread of the middle half of the samples (0 for fewer than two)."""
+        if len(self.samples_s) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.samples_s, n=4, method="inclusive")
+        return q3 - q1
+
+    def to_dict(self):
+        return {
+            "median_s": self.median_s,
+            "iqr_s": self.iqr_s,
+            "min_s": min(self.samples_s),
+            "max_s": max(self.samples_s),
+            "samples_s": list(self.samples_s),
+            "first_call_s": self.first_call_s,
+            "warmup": self.warmup,
+            "peak_memory_gb": self.peak_memory_gb,
+        }
+
+    def __str__(self):
+        text = (
+            f"{self.median_s:.3f} s median (IQR {self.iqr_s:.3f} s, {len(self.samples_s)} runs); "
+            f"first call {self.first_call_s:.2f} s"
+        )
+        if self.peak_memory_gb is not None:
+            text += f"; peak GPU memory {self.peak_memory_gb:.2f} GB"
+        return text
+
+
+def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
+    """Call `fn` once (timed alone as `first_call_s`), `warmup` more times untimed, then `runs` timed times.
+
+    Returns a Measurement; its `output` is what the last call of `fn` returned.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}.")
+    if warmup < 0:
+        raise ValueError(f"warmup must be 0 or more, got {warmup}.")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    bar = tqdm(total=1 + warmup + runs, desc=description, disable=not progress, leave=False)
+
+    synchronize()
+    start = time.perf_counter()
+    output = fn()
+    synchronize()
+    first_call_s = time.perf_counter() - start
+    bar.update()
+
+    for _ in range(warmup):
+        output = fn()
+        bar.update()
+
+    samples_s = []
+    for _ in range(runs):
+        synchronize()
+        start = time.perf_counter()
+        output = fn()
+        synchronize()
+        samples_s.append(time.perf_counter() - start)
+        bar.update()
+    bar.close()
+
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    return Measurement(samples_s=samples_s, first_call_s=first_call_s, warmup=warmup, peak_memory_gb=peak, output=output)
