@@ -1,8 +1,10 @@
-"""Helpers for the SDXL speed course: models, timing, results, images and the chart.
+"""Helpers for the SDXL speed course: models, the ladder of steps, timing, results, images and the chart.
 
 Importing this package changes no global torch setting.
 """
 
+from .chart import chart_from_dir, draw_chart
+from .images import generate, grid, image_size, quality, side_by_side
 from .ladder import (
     build,
     compile_pipeline,
@@ -13,12 +15,18 @@ from .ladder import (
     is_pointwise_conv,
     quantize_int8,
     quantized_layers,
+    require_torchao,
     set_inductor_flags,
+    unfused_leftovers,
     use_plain_attention,
     use_sdpa,
+    weights_gb,
 )
 from .models import ModelUnavailable, check_model, load_pipeline, low_precision_dtype, native_size, resolve_model
 from .params import Params
+from .probe import attention_kernels
+from .report import baseline_image, comparable_record, record_step
 from .results import append_record, latest_records, load_records, make_record
-from .steps import STEPS, get_step
+from .steps import STEPS, StepUnavailable, get_step
 from .timing import Measurement, benchmark
+from .widgets import flags_panel, playground

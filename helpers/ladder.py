@@ -9,7 +9,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .models import load_pipeline, low_precision_dtype
-from .steps import STEP_IDS, get_step
+from .steps import STEP_IDS, StepUnavailable, get_step
 
 
 def use_plain_attention(pipe):
@@ -47,7 +47,21 @@ def compile_pipeline(pipe, mode="max-autotune"):
 
 def fuse_qkv(pipe):
     """Step 05: one (in, 3*out) projection instead of three (in, out) ones in every self-attention."""
+    if unfused_leftovers(pipe.unet):
+        # Fusing again would rebuild the fused layers from the kept originals, undoing step 06's quantization.
+        print("The projections are already fused.")
+        return
     pipe.fuse_qkv_projections()
+
+
+def unfused_leftovers(unet):
+    """The q, k, v projections that step 05 replaced by fused ones: kept for unfusing, never called."""
+    return {
+        f"{name}.{projection}"
+        for name, module in unet.named_modules()
+        if getattr(module, "fused_projections", False)
+        for projection in (("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"))
+    }
 
 
 def int8_filter(unet):
@@ -55,22 +69,16 @@ def int8_filter(unet):
 
     Dynamic int8 quantizes each activation on the fly, which only pays off on large matmuls: in SDXL the
     1280-wide layers of the innermost level. The cross-attention keys and values see 77 text tokens and the
-    time embeddings one row per image: too few rows to gain anything. After step 05, the unfused
-    projections stay in the model (for `unfuse_qkv_projections`) but are never called: skip them too.
+    time embeddings one row per image: too few rows to gain anything.
     """
     widest = unet.config.block_out_channels[-1]
-    unused = {
-        f"{name}.{projection}"
-        for name, module in unet.named_modules()
-        if getattr(module, "fused_projections", False)
-        for projection in (("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"))
-    }
+    replaced_by_fusion = unfused_leftovers(unet)
 
     def worth_quantizing(module, fqn):
         return (
             isinstance(module, torch.nn.Linear)
             and min(module.in_features, module.out_features) >= widest
-            and fqn not in unused
+            and fqn not in replaced_by_fusion
             and not any(part in fqn for part in ("time_emb", "add_embedding", "attn2.to_k", "attn2.to_v"))
         )
 
@@ -82,8 +90,28 @@ def is_pointwise_conv(module, *args):
     return isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
 
 
+def require_torchao():
+    """Raise StepUnavailable, in one sentence, where torchao can't be used with this torch."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
+    except Exception as error:  # ImportError, or an ABI mismatch surfacing as another error
+        raise StepUnavailable(
+            f"torchao is missing or doesn't match torch {torch.__version__} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); install a matching version with "
+            "`pip install torchao` to run step 06; the other steps don't need it."
+        ) from None
+
+
+def weights_gb(module):
+    """Bytes of a module's parameters and buffers in GB, counting quantized tensors at their packed size."""
+    from torchao.utils import get_model_size_in_bytes
+
+    return get_model_size_in_bytes(module) / 1e9
+
+
 def quantize_int8(pipe):
     """Step 06: torchao's dynamic int8 quantization (int8 weights, activations quantized per call)."""
+    require_torchao()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_, swap_conv2d_1x1_to_linear
 
     if quantized_layers(pipe.unet):

@@ -66,13 +66,19 @@ def driver_version():
 
 def make_record(step, measurement, params, *, dtype, image_file=None, quality=None, status="ok", note=None, extra=None):
     """A plain-JSON record of one step's measurement and of everything needed to reproduce and compare it."""
+    from .images import image_size
+    from .models import resolve_model
     from .steps import get_step
 
     step = get_step(step)
+    height, width = image_size(params)
     record = {
         "step": step.id,
         "title": step.title,
         "status": status,
+        "model": resolve_model(params.model, verbose=False),
+        "height": height,
+        "width": width,
         "median_s": None,
         "samples_s": [],
         "first_call_s": None,
@@ -161,9 +167,8 @@ def latest_records(records):
 
     latest = {}
     for record in records:
-        key = (record["device"], record["params"].get("model"), record["step"])
-        latest[key] = record
-    devices = list(dict.fromkeys((r["device"], r["params"].get("model")) for r in records))
+        latest[(record["device"], record["model"], record["step"])] = record
+    devices = list(dict.fromkeys((r["device"], r["model"]) for r in records))
     return [
         latest[(device, model, step)]
         for device, model in devices

@@ -3,6 +3,10 @@
 from dataclasses import dataclass
 
 
+class StepUnavailable(RuntimeError):
+    """A step can't run on this machine (a missing library, say); the runner records it and goes on."""
+
+
 @dataclass(frozen=True)
 class Step:
     id: str

@@ -1,0 +1,51 @@
+"""What each notebook does with its measurement: save the image, compare it with the baseline, record it."""
+
+from pathlib import Path
+
+from PIL import Image
+
+from .images import describe_quality, quality, save_image
+from .results import append_record, device_name, load_records, make_record
+from .steps import get_step
+
+# The parameters that decide the image: a baseline is comparable only when all of them match.
+IMAGE_PARAMS = ("model", "prompt", "negative_prompt", "steps", "height", "width", "guidance", "seed")
+
+
+def comparable_record(step, params):
+    """The newest successful record of `step` on this device with the same image parameters, or None."""
+    step_id = get_step(step).id
+    wanted = {name: getattr(params, name) for name in IMAGE_PARAMS}
+    device = device_name()
+    for record in reversed(load_records(params.out_dir)):
+        same = all(record["params"].get(name) == value for name, value in wanted.items())
+        if record["step"] == step_id and record["status"] == "ok" and record["device"] == device and same:
+            return record
+    return None
+
+
+def baseline_image(params):
+    """The fp32 baseline image for these parameters, if notebook 01 has made one."""
+    record = comparable_record("01", params)
+    if record is None or not record.get("image"):
+        return None
+    path = Path(params.out_dir) / record["image"]
+    return Image.open(path).convert("RGB") if path.exists() else None
+
+
+def record_step(step, measurement, params, dtype, image, note=None, extra=None):
+    """Save the step's image and its record (with quality against the baseline); print a one-line summary."""
+    step = get_step(step)
+    image_file = save_image(image, params.out_dir, step.id)
+    baseline = None if step.id == "01" else baseline_image(params)
+    scores = quality(image, baseline) if baseline is not None else None
+    record = make_record(
+        step.id, measurement, params, dtype=dtype, image_file=image_file, quality=scores, note=note, extra=extra
+    )
+    append_record(params.out_dir, record)
+    print(f"{step.id} {step.title} on {record['device']}: {measurement}")
+    if step.a100_seed_s is not None:
+        print(f"   the tutorial's A100 (1024x1024, 30 steps): {step.a100_seed_s:.2f} s")
+    if step.id != "01":
+        print(f"   image: {describe_quality(scores)}")
+    return record

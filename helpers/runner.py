@@ -1,0 +1,148 @@
+"""Run the notebooks headless, in order, with the same parameters: the course's main job.
+
+Each notebook runs in its own kernel with papermill, which injects the parameters after the cell tagged
+`parameters`. The run's folder gets the executed notebooks, the images, results.json and the chart. The
+kernels run inside that folder with OUT_DIR=".", so nothing written there holds an absolute path.
+"""
+
+import os
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+from .models import ModelUnavailable, check_model
+from .params import Params
+from .results import append_record, make_record
+from .steps import STEPS, get_step
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+OUT_OF_MEMORY = ("OutOfMemoryError", "OutOfMemory")
+OOM_ADVICE = (
+    "out of GPU memory: use a smaller --height/--width, free other GPU work, or use a GPU with more memory "
+    "(fp32 SDXL at 1024x1024 needs about 20 GB)"
+)
+
+
+class RunFailed(RuntimeError):
+    """A notebook failed; the message names the notebook, the cell and the error."""
+
+
+def notebook_parameters(params):
+    """Params as the notebooks' upper-case parameter names."""
+    return {field.name.upper(): getattr(params, field.name) for field in fields(params)}
+
+
+def check_hub_model(model):
+    """For a hub id, fetch only its model_index.json so an unreachable model fails before anything loads."""
+    if model in ("tiny", "sdxl-random") or Path(model).expanduser().is_dir():
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(model, "model_index.json")
+    except Exception as error:  # offline, unknown id, gated: all mean the same to the user
+        reason = type(error).__name__
+        raise ModelUnavailable(
+            f"Could not reach {model!r} on the hub ({reason}); run with --model tiny (any machine), "
+            "--model sdxl-random (full-size SDXL with random weights, for timing on a GPU) or a local diffusers folder."
+        ) from None
+
+
+def select_steps(only):
+    """The steps to run, in course order: all of them, or those named in `only` ("01,03" or "4-7")."""
+    if not only:
+        return list(STEPS)
+    wanted = set()
+    for part in str(only).split(","):
+        if "-" in part.strip("-"):
+            first, last = (get_step(p).id for p in part.split("-", 1))
+            wanted |= {s.id for s in STEPS if first <= s.id <= last}
+        else:
+            wanted.add(get_step(part).id)
+    return [step for step in STEPS if step.id in wanted]
+
+
+def run_series(params, out_dir, only=None, progress=True):
+    """Execute the selected notebooks in order into `out_dir`; returns the list of (step, status)."""
+    import papermill
+
+    from .chart import chart_from_dir
+
+    out_dir = Path(out_dir).resolve()
+    steps = select_steps(only)
+    check_hub_model(check_model(params.model))
+    (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
+    params = Params(**{**params.to_dict(), "out_dir": "."})
+    env = _kernel_environment(out_dir)
+    statuses = []
+    for step in steps:
+        print(f"== {step.id} {step.title} ({step.notebook})", flush=True)
+        try:
+            with _environment(env(step)):
+                papermill.execute_notebook(
+                    NOTEBOOKS_DIR / step.notebook,
+                    out_dir / "notebooks" / step.notebook,
+                    parameters=notebook_parameters(params),
+                    cwd=out_dir,
+                    progress_bar=progress,
+                    kernel_name="python3",
+                )
+            statuses.append((step.id, "ok"))
+        except papermill.PapermillExecutionError as error:
+            if error.ename in OUT_OF_MEMORY:
+                print(f"{step.id}: {OOM_ADVICE}; going on with the next notebook.")
+                append_record(out_dir, _failure_record(step, params, "out_of_memory", OOM_ADVICE))
+                statuses.append((step.id, "out_of_memory"))
+                continue
+            if error.ename == "StepUnavailable":
+                print(f"{step.id}: skipped: {error.evalue}")
+                append_record(out_dir, _failure_record(step, params, "skipped", error.evalue))
+                statuses.append((step.id, "skipped"))
+                continue
+            raise RunFailed(
+                f"{step.notebook} failed in cell {error.exec_count or error.cell_index}: {error.ename}: "
+                f"{error.evalue.strip().splitlines()[0] if error.evalue.strip() else ''} "
+                f"(the executed notebook is {Path('notebooks') / step.notebook} in {out_dir.name})"
+            ) from None
+    if any(status == "ok" for _, status in statuses):
+        chart = chart_from_dir(out_dir)
+        print(f"Chart: {chart}")
+    return statuses
+
+
+def _failure_record(step, params, status, note):
+    import torch
+
+    from .models import low_precision_dtype
+
+    dtype = torch.float32 if step.id == "01" else low_precision_dtype(verbose=False)
+    return make_record(step.id, None, params, dtype=dtype, status=status, note=note)
+
+
+def _kernel_environment(out_dir):
+    """Per-notebook environment: a fresh inductor cache, so every step's first call is a cold compile."""
+    caches = Path(tempfile.mkdtemp(prefix="inductor-", dir=os.environ.get("TMPDIR")))
+
+    def for_step(step):
+        return {"TORCHINDUCTOR_CACHE_DIR": str(caches / step.id)}
+
+    return for_step
+
+
+class _environment:
+    """Set environment variables for the kernels started inside the block, then restore them."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __enter__(self):
+        self.saved = {key: os.environ.get(key) for key in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,35 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+# A fake token: the tests check that it never reaches an output.
+FAKE_HF_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0000"
+# Small enough for a 2-core CPU: the tiny model at 64x64, 2 denoising steps.
+SERIES_ARGS = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--warmup", "1", "--runs", "3"]
+
+
+def notebook_cells(notebook, tag):
+    """The source of the code cells of `notebook` tagged `tag`, in order."""
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    return [c.source for c in nb.cells if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
+
+
+@pytest.fixture(scope="session")
+def series(tmp_path_factory):
+    """The whole course run once headless by the README's main command, on the tiny model."""
+    out = tmp_path_factory.mktemp("series")
+    env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", *SERIES_ARGS],
+        capture_output=True, text=True, env=env, cwd=ROOT,
+    )
+    (out / "runner.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr

@@ -1,0 +1,68 @@
+import json
+import multiprocessing
+
+import pytest
+
+from helpers.params import Params
+from helpers.results import RESULTS_FILE, append_record, latest_records, load_records, make_record
+from helpers.timing import Measurement
+
+
+def measured(step, out_dir, median=1.0, **params):
+    measurement = Measurement(samples_s=[median * 0.9, median, median * 1.1], first_call_s=median * 3, warmup=1)
+    return make_record(step, measurement, Params(model="tiny", out_dir=str(out_dir), **params), dtype="bfloat16")
+
+
+def test_record_carries_numbers_device_versions_and_what_ran(tmp_path):
+    record = measured("04", tmp_path, median=2.0)
+    assert record["median_s"] == 2.0 and record["samples_s"] == [1.8, 2.0, 2.2] and record["first_call_s"] == 6.0
+    assert record["iqr_s"] == pytest.approx(0.2)
+    assert record["device"].startswith("CPU") and record["versions"]["torch"] and record["versions"]["diffusers"]
+    assert record["precision"]["float32_matmul_precision"] in ("highest", "high", "medium")
+    # The model and size that actually ran, not only the parameters as given.
+    assert (record["model"], record["height"], record["width"]) == ("tiny", 128, 128)
+    auto = make_record("01", None, Params(model="auto", height=64, width=96), dtype="float32", status="skipped")
+    assert (auto["model"], auto["height"], auto["width"]) == ("tiny", 64, 96)
+
+
+def test_append_keeps_every_record(tmp_path):
+    for step in ("01", "02", "01"):
+        append_record(tmp_path, measured(step, tmp_path))
+    records = load_records(tmp_path)
+    assert [r["step"] for r in records] == ["01", "02", "01"]
+    assert [r["step"] for r in latest_records(records)] == ["01", "02"]
+    assert latest_records(records)[0] is records[2]
+
+
+def _write_many(out_dir, worker):
+    for i in range(15):
+        append_record(out_dir, {"step": "01", "worker": worker, "i": i, "device": "x", "model": "tiny"})
+
+
+def test_two_runs_writing_one_folder_lose_nothing(tmp_path):
+    processes = [multiprocessing.Process(target=_write_many, args=(tmp_path, w)) for w in range(3)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    records = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert sorted((r["worker"], r["i"]) for r in records) == [(w, i) for w in range(3) for i in range(15)]
+
+
+def test_corrupt_results_file_is_kept_aside_and_reported(tmp_path, capsys):
+    (tmp_path / RESULTS_FILE).write_text('[{"step": "01", "median_s": 1.')  # cut off mid-write by a crash
+    append_record(tmp_path, measured("02", tmp_path))
+    aside = list(tmp_path.glob(RESULTS_FILE + ".corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == '[{"step": "01", "median_s": 1.'
+    assert [r["step"] for r in load_records(tmp_path)] == ["02"]
+    assert "could not be read" in capsys.readouterr().out
+
+
+def test_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    append_record(tmp_path, measured("01", tmp_path))
+    before = (tmp_path / RESULTS_FILE).read_text()
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        append_record(tmp_path, measured("02", tmp_path))
+    assert (tmp_path / RESULTS_FILE).read_text() == before
+    assert not list(tmp_path.glob("*.tmp"))
