@@ -1,0 +1,204 @@
+"""Profile one image of the course's last step: where the time goes, part by part and kernel by kernel.
+
+On a GPU (from the project's root, with `helpers` installed or on PYTHONPATH):
+    python scripts/profile_final_step.py --model sdxl-random --through 07 --out profile
+Anywhere, in a few seconds:
+    python scripts/profile_final_step.py --model tiny --through 03 --height 128 --width 128 --steps 2 --out /tmp/profile
+
+Writes to --out:
+- trace.json.gz: the torch.profiler trace of one image (open it in https://ui.perfetto.dev);
+- top_kernels.txt: kernels and ops by self device time (self CPU time on a CPU);
+- summary.json: wall time, time in the text encoders, the denoising loop and the VAE decode, the GPU's idle
+  fraction, the attention backend, and TFLOP/s against the matmul peak.
+"""
+
+import argparse
+import gzip
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from helpers.flops import efficiency, image_flops
+from helpers.images import generate
+from helpers.ladder import build, describe
+from helpers.params import COMPILE_MODES, Params
+from helpers.probe import SDPA_OPS
+from helpers.results import device_name, package_versions
+from helpers.timing import synchronize
+
+MAX_FILE_BYTES = 15 * 2**20  # files must stay under 16 MB to come back from the GPU machine
+GPU_EVENTS = {"kernel", "gpu_memcpy", "gpu_memset"}
+ANNOTATIONS = {"user_annotation", "gpu_user_annotation"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="sdxl-random", help="tiny, sdxl-random, a hub id or a local folder")
+    parser.add_argument("--through", default="07", help="the last step of the ladder to apply (default 07)")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first, compiling, one")
+    parser.add_argument("--out", required=True, help="folder for trace.json.gz, top_kernels.txt, summary.json")
+    return parser.parse_args(argv)
+
+
+class Components:
+    """Times the pipeline's text encoding and VAE decoding, and names them in the profiler's trace.
+
+    The device is synchronized around each part while `synchronize` is set (for the timed call, not the
+    profiled one, whose idle gaps it would change). The denoising loop is what runs in between.
+    """
+
+    def __init__(self, pipe):
+        self.marks, self.synchronize = {}, True
+        pipe.encode_prompt = self._wrap("text_encoders", pipe.encode_prompt)
+        pipe.vae.decode = self._wrap("vae_decode", pipe.vae.decode)
+
+    def _wrap(self, name, function):
+        def call(*args, **kwargs):
+            self._mark(name, "start")
+            with record_function(name):
+                output = function(*args, **kwargs)
+            self._mark(name, "end")
+            return output
+
+        return call
+
+    def _mark(self, name, which):
+        if self.synchronize:
+            synchronize()
+        self.marks[name, which] = time.perf_counter()
+
+    def seconds(self, start, end):
+        """Seconds per part of the call that ran from `start` to `end` (perf_counter times)."""
+        marks = self.marks
+        parts = {
+            "text_encoders": marks["text_encoders", "end"] - marks["text_encoders", "start"],
+            "denoising_loop": marks["vae_decode", "start"] - marks["text_encoders", "end"],
+            "vae_decode": marks["vae_decode", "end"] - marks["vae_decode", "start"],
+        }
+        parts["other"] = (end - start) - sum(parts.values())  # preparing inputs, turning the image into PIL
+        return parts
+
+
+def timed_call(function):
+    synchronize()
+    start = time.perf_counter()
+    function()
+    synchronize()
+    return start, time.perf_counter()
+
+
+def gpu_busy(events):
+    """(busy seconds, window seconds) on the GPU inside the "image" range: the union of kernels, copies, memsets."""
+    image = next(e for e in events if e.get("name") == "image" and e.get("cat") == "user_annotation")
+    window_start, window_end = image["ts"], image["ts"] + image["dur"]
+    intervals = sorted(
+        (max(e["ts"], window_start), min(e["ts"] + e["dur"], window_end))
+        for e in events
+        if e.get("cat") in GPU_EVENTS and e.get("ph") == "X"
+    )
+    busy, covered_to = 0.0, window_start
+    for start, end in intervals:
+        start = max(start, covered_to)
+        if end > start:
+            busy += end - start
+            covered_to = end
+    return busy / 1e6, (window_end - window_start) / 1e6  # trace times are microseconds
+
+
+def write_trace(trace, path):
+    """Gzipped JSON; if still too big, only GPU events and named ranges (CPU op events dropped). Returns a note."""
+    path.write_bytes(gzip.compress(json.dumps(trace).encode()))
+    if path.stat().st_size <= MAX_FILE_BYTES:
+        return "full"
+    kept = ANNOTATIONS | GPU_EVENTS
+    trace = {**trace, "traceEvents": [e for e in trace["traceEvents"] if e.get("ph") == "M" or e.get("cat") in kept]}
+    path.write_bytes(gzip.compress(json.dumps(trace).encode()))
+    if path.stat().st_size <= MAX_FILE_BYTES:
+        return "GPU events and named ranges only (the full trace was over 15 MB gzipped)"
+    path.unlink()
+    return "not written: over 15 MB gzipped even without CPU events"
+
+
+def attention_backend(pipe, averages):
+    """The attention processors the pipeline uses, and how many calls each SDPA kernel got."""
+    kernels = {SDPA_OPS[event.key]: event.count for event in averages if event.key in SDPA_OPS}
+    return {"processors": describe(pipe)["attention"], "sdpa_kernels": kernels or "none: plain bmm + softmax"}
+
+
+def flops_summary(args, wall_s):
+    try:
+        counted = image_flops(args.model, args.height, args.width, args.steps, args.guidance)
+    except ValueError as error:  # a model whose architecture flops.py doesn't know
+        return {"note": str(error)}
+    return {"image_tflop": counted["total"] / 1e12, **efficiency(wall_s, counted["total"])}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    params = Params(model=args.model, steps=args.steps, height=args.height, width=args.width,
+                    guidance=args.guidance, compile_mode=args.compile_mode)
+
+    pipe = build(args.model, through=args.through, compile_mode=args.compile_mode)
+    components = Components(pipe)
+    start, end = timed_call(lambda: generate(pipe, params))
+    first_call_s = end - start
+    print(f"First call (compiles where the step compiles): {first_call_s:.2f} s", flush=True)
+    for _ in range(args.warmup):
+        generate(pipe, params)
+    start, end = timed_call(lambda: generate(pipe, params))
+    wall_s, parts_s = end - start, components.seconds(start, end)
+    print(f"One image: {wall_s:.3f} s; " + ", ".join(f"{k} {v:.3f} s" for k, v in parts_s.items()), flush=True)
+
+    components.synchronize = False
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        with record_function("image"):
+            generate(pipe, params)
+        synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        trace = json.loads(Path(f"{tmp}/trace.json").read_text())
+    trace_note = write_trace(trace, out / "trace.json.gz")
+
+    averages = prof.key_averages()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    (out / "top_kernels.txt").write_text(averages.table(sort_by=sort_by, row_limit=50, max_name_column_width=100))
+
+    busy_s, profiled_s = gpu_busy(trace["traceEvents"])
+    summary = {
+        "model": args.model,
+        "through": args.through,
+        "size": [args.height, args.width],
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "compile_mode": args.compile_mode,
+        "device": device_name(),
+        "versions": package_versions(),
+        "first_call_s": first_call_s,
+        "wall_s": wall_s,
+        "parts_s": parts_s,
+        "profiled_wall_s": profiled_s,
+        "gpu_busy_s": busy_s if cuda else None,
+        "gpu_idle_fraction": 1 - busy_s / profiled_s if cuda else None,
+        "attention": attention_backend(pipe, averages),
+        "flops": flops_summary(args, wall_s),
+        "trace": trace_note,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

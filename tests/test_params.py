@@ -1,0 +1,65 @@
+"""Bad input is refused in one sentence, before any model loads."""
+
+import pytest
+
+import helpers.__main__ as cli
+import helpers.models
+from helpers.params import Params
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("height", 100, "multiple of 8"),
+        ("width", 8192, "multiple of 8 from 64 to 4096"),
+        ("height", 0, "multiple of 8"),
+        ("steps", 0, "steps must be"),
+        ("steps", 2.5, "steps must be"),
+        ("guidance", -1.0, "guidance must be"),
+        ("prompt", "   ", "prompt is empty"),
+        ("runs", 0, "runs must be"),
+        ("warmup", -1, "warmup must be"),
+        ("seed", -3, "seed must be"),
+        ("compile_mode", "fastest", "compile_mode must be one of"),
+    ],
+)
+def test_bad_parameter_is_one_sentence(field, value, words):
+    with pytest.raises(ValueError) as error:
+        Params(**{field: value})
+    message = str(error.value)
+    assert words in message and "\n" not in message and message.endswith(".")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--height", "100"], "height must be a multiple of 8"),
+        (["--steps", "0"], "steps must be"),
+        (["--guidance", "-2"], "guidance must be"),
+        (["--prompt", ""], "prompt is empty"),
+        (["--runs", "0"], "runs must be"),
+        (["--only", "08"], "Unknown step '08'"),
+        (["--only", "quantum"], "Unknown step 'quantum'"),
+        (["--model", "not a model"], "Unknown model 'not a model'"),
+        (["--model", "no-such-org/no-such-model"], "Could not reach 'no-such-org/no-such-model'"),
+    ],
+)
+def test_runner_refuses_bad_input_before_loading(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub can't be reached here anyway: make that instant
+    monkeypatch.setattr(helpers.models, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert cli.main(["run", "--model", "tiny", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_folder_that_is_not_sdxl_is_named_with_the_offline_choices(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert cli.main(["run", "--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a diffusers SDXL folder" in err and "'tiny'" in err and "'sdxl-random'" in err
+
+
+def test_chart_of_an_empty_folder_says_what_to_do(tmp_path, capsys):
+    assert cli.main(["chart", str(tmp_path)]) == 2
+    assert "run notebook 01" in capsys.readouterr().err
