@@ -141,6 +141,8 @@ def _latency_label(record):
     if record.get("iqr_s"):
         # The whisker spans the IQR around the median, so ± is half of it.
         text += f" ±{_seconds(record['iqr_s'] / 2)}"
+    if record.get("peak_fraction"):
+        text += f" · {100 * record['peak_fraction']:.0f}% peak"
     return text
 
 

@@ -23,6 +23,13 @@ from .models import SDXL_HUB_ID, resolve_model
 META = torch.device("meta")
 # bf16 8192^3 matmul measured on this project's H100 (FACTS.md); the datasheet's dense bf16 figure is 989.
 H100_BF16_MATMUL_TFLOPS = 798.0
+# Measured bf16 matmul peaks by GPU name; the H200 is the same chip with faster memory (about 790 seen here).
+MATMUL_PEAK_TFLOPS = {"H100": H100_BF16_MATMUL_TFLOPS, "H200": 790.0}
+
+
+def measured_peak_tflops(device_name):
+    """The measured bf16 matmul peak of the GPU named `device_name`, or None where none was measured."""
+    return next((peak for key, peak in MATMUL_PEAK_TFLOPS.items() if key in device_name), None)
 
 
 def image_flops(model="sdxl-random", height=1024, width=1024, steps=30, guidance=5.0):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import describe_quality, quality, save_image
+from .flops import image_flops, measured_peak_tflops
+from .images import describe_quality, image_size, quality, save_image
 from .results import append_record, device_name, load_records, make_record
 from .steps import get_step
 
@@ -33,6 +34,22 @@ def baseline_image(params):
     return Image.open(path).convert("RGB") if path.exists() else None
 
 
+def compute_efficiency(params, median_s):
+    """FLOPs of one image, TFLOP/s achieved and the fraction of this GPU's measured peak, where they can be known."""
+    height, width = image_size(params)
+    try:
+        flops = image_flops(params.model, height, width, params.steps, params.guidance)["total"]
+    except ValueError:  # a local folder of another architecture: not counted
+        return {}
+    peak = measured_peak_tflops(device_name())
+    tflops_per_s = flops / median_s / 1e12
+    return {
+        "flops_per_image": flops,
+        "tflops_per_s": tflops_per_s,
+        "peak_fraction": tflops_per_s / peak if peak else None,
+    }
+
+
 def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     """Save the step's image and its record (with quality against the baseline); print a one-line summary."""
     step = get_step(step)
@@ -40,10 +57,14 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     baseline = None if step.id == "01" else baseline_image(params)
     scores = quality(image, baseline) if baseline is not None else None
     record = make_record(
-        step.id, measurement, params, dtype=dtype, image_file=image_file, quality=scores, note=note, extra=extra
+        step.id, measurement, params, dtype=dtype, image_file=image_file, quality=scores, note=note,
+        extra={**compute_efficiency(params, measurement.median_s), **(extra or {})},
     )
     append_record(params.out_dir, record)
     print(f"{step.id} {step.title} on {record['device']}: {measurement}")
+    if record.get("tflops_per_s"):
+        peak = f", {100 * record['peak_fraction']:.0f}% of the measured matmul peak" if record.get("peak_fraction") else ""
+        print(f"   {record['tflops_per_s']:.1f} TFLOP/s of matmul and convolution{peak}")
     if step.a100_seed_s is not None:
         print(f"   the tutorial's A100 (1024x1024, 30 steps): {step.a100_seed_s:.2f} s")
     if step.id != "01":

@@ -64,8 +64,6 @@ def select_steps(only):
 
 def run_series(params, out_dir, only=None, progress=True):
     """Execute the selected notebooks in order into `out_dir`; returns the list of (step, status)."""
-    import papermill
-
     from .chart import chart_from_dir
 
     out_dir = Path(out_dir).resolve()
@@ -74,12 +72,23 @@ def run_series(params, out_dir, only=None, progress=True):
     (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
     params = Params(**{**params.to_dict(), "out_dir": "."})
-    env = _kernel_environment(out_dir)
     statuses = []
+    with tempfile.TemporaryDirectory(prefix="inductor-") as caches:
+        _run_notebooks(steps, params, out_dir, Path(caches), progress, statuses)
+    if any(status == "ok" for _, status in statuses):
+        chart = chart_from_dir(out_dir)
+        print(f"Chart: {chart}")
+    return statuses
+
+
+def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
+    """Execute each notebook in its own kernel; a fresh Inductor cache each, so every first call compiles cold."""
+    import papermill
+
     for step in steps:
         print(f"== {step.id} {step.title} ({step.notebook})", flush=True)
         try:
-            with _environment(env(step)):
+            with _environment({"TORCHINDUCTOR_CACHE_DIR": str(caches / step.id)}):
                 papermill.execute_notebook(
                     NOTEBOOKS_DIR / step.notebook,
                     out_dir / "notebooks" / step.notebook,
@@ -101,14 +110,10 @@ def run_series(params, out_dir, only=None, progress=True):
                 statuses.append((step.id, "skipped"))
                 continue
             raise RunFailed(
-                f"{step.notebook} failed in cell {error.exec_count or error.cell_index}: {error.ename}: "
+                f"{step.notebook} failed in cell [{error.exec_count or error.cell_index}]: {error.ename}: "
                 f"{error.evalue.strip().splitlines()[0] if error.evalue.strip() else ''} "
                 f"(the executed notebook is {Path('notebooks') / step.notebook} in {out_dir.name})"
             ) from None
-    if any(status == "ok" for _, status in statuses):
-        chart = chart_from_dir(out_dir)
-        print(f"Chart: {chart}")
-    return statuses
 
 
 def _failure_record(step, params, status, note):
@@ -118,16 +123,6 @@ def _failure_record(step, params, status, note):
 
     dtype = torch.float32 if step.id == "01" else low_precision_dtype(verbose=False)
     return make_record(step.id, None, params, dtype=dtype, status=status, note=note)
-
-
-def _kernel_environment(out_dir):
-    """Per-notebook environment: a fresh inductor cache, so every step's first call is a cold compile."""
-    caches = Path(tempfile.mkdtemp(prefix="inductor-", dir=os.environ.get("TMPDIR")))
-
-    def for_step(step):
-        return {"TORCHINDUCTOR_CACHE_DIR": str(caches / step.id)}
-
-    return for_step
 
 
 class _environment:

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 # A fake token: the tests check that it never reaches an output.
 FAKE_HF_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0000"
-# Small enough for a 2-core CPU: the tiny model at 64x64, 2 denoising steps.
-SERIES_ARGS = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--warmup", "1", "--runs", "3"]
+# Small enough for a 2-core CPU: the tiny model at 96x96, 2 denoising steps.
+SERIES_ARGS = ["--model", "tiny", "--steps", "2", "--height", "96", "--width", "96", "--warmup", "1", "--runs", "3"]
 
 
 def notebook_cells(notebook, tag):

@@ -73,3 +73,16 @@ def test_steps_run_twice_are_harmless(capsys):
     helpers.compile_regions(pipe)
     assert helpers.describe(pipe) == compiled
     assert capsys.readouterr().out.count("already compiled") == 2
+
+
+def test_missing_torchao_is_one_sentence_and_only_stops_step_06(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # what an absent package looks like to import
+    with pytest.raises(helpers.StepUnavailable) as error:
+        helpers.require_torchao()
+    message = str(error.value)
+    assert "torchao is missing" in message and "pip install torchao" in message and "\n" not in message
+    with pytest.raises(helpers.StepUnavailable):
+        helpers.build("tiny", through="06", compile=False, verbose=False)
+    assert helpers.describe(helpers.build("tiny", through="05", verbose=False))["fused_qkv"]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create .venv with everything the course needs; `--test` adds what the tests need (pytest, Playwright, Chromium).
+#   bash scripts/setup.sh [--test]
+# A torch the current python already has (a cloud GPU image's CUDA build, say) is kept: the venv then sees it.
+# With no torch at all and no NVIDIA GPU, the CPU build is installed rather than a multi-GB CUDA one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+cpu_torch="torch==2.13.0"
+
+if [ ! -x .venv/bin/python ]; then
+  if "$python" -c "import torch" 2>/dev/null; then
+    echo "setup: keeping the torch $("$python" -c 'import torch; print(torch.__version__)') that $python already has"
+    "$python" -m venv --system-site-packages .venv
+  else
+    "$python" -m venv .venv
+  fi
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" torch
+  else
+    "${pip[@]}" "$cpu_torch" || "${pip[@]}" "$cpu_torch" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+if [ "${1:-}" = "--test" ]; then
+  "${pip[@]}" -e ".[test]"
+  if ! bash .ci/install-browser.sh .venv/bin/python; then
+    [ "${CI:-}" = "true" ] && exit 1
+    echo "setup: Chromium could not be installed (apt-get needs root): the browser test will be skipped"
+  fi
+else
+  "${pip[@]}" -e .
+fi
+# papermill starts notebooks with the "python3" kernel: make it this venv's python.
+.venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (sdxl-fast)" >/dev/null
+echo "setup: ready ($(.venv/bin/python -c 'import torch, diffusers; print("torch", torch.__version__, "· diffusers", diffusers.__version__, "· CUDA", torch.cuda.is_available())'))"

@@ -1,0 +1,38 @@
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_environment_yml_matches_pyproject():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
+    assert sorted(r for r in pip_section if r != "-e .") == sorted(declared)
+    assert "-e ." in pip_section
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"# run the tests\n(.+)\n", readme).group(1).strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command in ci
+
+
+def test_importing_helpers_changes_no_torch_setting():
+    import subprocess
+    import sys
+
+    probe = (
+        "import torch; before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, "
+        "torch.get_float32_matmul_precision(), torch._inductor.config.conv_1x1_as_mm, "
+        "torch._inductor.config.epilogue_fusion, torch.get_num_threads()); import helpers; "
+        "after = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, "
+        "torch.get_float32_matmul_precision(), torch._inductor.config.conv_1x1_as_mm, "
+        "torch._inductor.config.epilogue_fusion, torch.get_num_threads()); print(before == after)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("True")

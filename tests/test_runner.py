@@ -1,0 +1,67 @@
+"""The runner's behaviour when a notebook fails, runs out of memory or can't run, with stand-in notebooks."""
+
+import json
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+import helpers.__main__ as cli
+import helpers.runner as runner
+
+PARAMETERS = new_code_cell('MODEL = "tiny"\nOUT_DIR = "."', metadata={"tags": ["parameters"]})
+RECORD_A_STEP = """
+import helpers
+from helpers.timing import Measurement
+params = helpers.Params(model=MODEL, out_dir=OUT_DIR)
+helpers.append_record(OUT_DIR, helpers.make_record("03", Measurement([0.5, 0.6], 1.0, 0), params, dtype="bfloat16"))
+"""
+
+
+def stand_in_notebooks(folder, cells_by_name):
+    for name, cells in cells_by_name.items():
+        nb = new_notebook(cells=[PARAMETERS, *[new_code_cell(source) for source in cells]])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, folder / name)
+
+
+def test_out_of_memory_and_unavailable_steps_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    stand_in_notebooks(notebooks, {
+        "01_baseline.ipynb": ["import torch", 'raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")'],
+        "02_bfloat16.ipynb": ["import helpers", 'raise helpers.StepUnavailable("torchao is missing.")'],
+        "03_sdpa.ipynb": [RECORD_A_STEP],
+    })
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "01-03", "--no-progress"]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["step"], r["status"]) for r in records] == [("01", "out_of_memory"), ("02", "skipped"), ("03", "ok")]
+    assert "smaller --height/--width" in records[0]["note"] and records[0]["median_s"] is None
+    assert "torchao is missing" in records[1]["note"]
+    assert (out / "latency_per_step.png").stat().st_size > 10_000
+    assert "going on with the next notebook" in capsys.readouterr().out
+
+
+def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path, monkeypatch, capsys):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    stand_in_notebooks(notebooks, {
+        "01_baseline.ipynb": ["x = 1", 'raise ValueError("the VAE exploded")'],
+        "02_bfloat16.ipynb": [RECORD_A_STEP],
+    })
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "01,02", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 01_baseline.ipynb failed in cell [4]: ValueError: the VAE exploded")
+    assert "\n" not in err
+    assert (out / "notebooks" / "01_baseline.ipynb").exists()  # kept, with the traceback inside, for reading
+    assert not (out / "notebooks" / "02_bfloat16.ipynb").exists()
+
+
+@pytest.mark.parametrize("only, expected", [("01,03", ["01", "03"]), ("4-7", ["04", "05", "06", "07"]),
+                                            ("sdpa,baseline", ["01", "03"]), (None, [f"0{i}" for i in range(1, 8)])])
+def test_step_selection_keeps_course_order(only, expected):
+    assert [s.id for s in runner.select_steps(only)] == expected
