@@ -1,0 +1,368 @@
+"""Two notebook panels for trying the course by hand.
+
+`playground(pipe, params)`: change the prompt, size, steps, guidance or seed, press Generate, and see the
+image next to the fp32 baseline with its latency and spread.
+`flags_panel(params)`: switch each optimization on or off, rebuild the pipeline, time it, and compare every
+configuration tried in one table.
+
+Both are objects holding `.widget` (what the notebook shows), their input widgets as attributes and the
+method their button calls, so a test can drive them without a browser.
+"""
+
+import dataclasses
+import gc
+import html
+import io
+
+import ipywidgets as widgets
+import torch
+
+from .images import describe_quality, generate, image_size, quality, side_by_side
+from .ladder import (
+    compile_pipeline,
+    compile_regions,
+    fuse_qkv,
+    is_compiled,
+    quantize_int8,
+    use_plain_attention,
+    use_sdpa,
+)
+from .models import ModelUnavailable, load_pipeline, low_precision_dtype, native_size
+from .params import COMPILE_MODES
+from .report import baseline_image
+from .results import device_name
+from .timing import benchmark
+
+OUT_OF_MEMORY = "out of GPU memory: try a smaller size or fewer steps"
+COMPILE_CHOICES = (("off", "off"), ("whole UNet + VAE decoder (step 04)", "full"), ("regional (step 07)", "regional"))
+
+
+def free_memory():
+    """Give back what dropped objects held: Python's garbage first, then the blocks CUDA keeps cached."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def show_image(image_widget, image):
+    """Put `image` in the widget as PNG and unhide it (an empty one shows as a broken-image icon)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    image_widget.value = buffer.getvalue()
+    image_widget.width = str(image.width)  # its own size: a box would otherwise stretch it to the panel's width
+    image_widget.layout.display = ""
+
+
+def describe_latency(measurement, device):
+    """One line: the median with its spread, how many runs, where, and the first call on its own."""
+    text = (
+        f"{measurement.median_s:.3f} s median, IQR {measurement.iqr_s:.3f} s, {len(measurement.samples_s)} runs, "
+        f"on {device}; first call {measurement.first_call_s:.2f} s"
+    )
+    if measurement.peak_memory_gb is not None:
+        text += f"; peak GPU memory {measurement.peak_memory_gb:.2f} GB"
+    return text
+
+
+def red(text):
+    return f'<span style="color:#b00020">{html.escape(text)}</span>'
+
+
+def time_images(pipe, params, warmup, runs, status):
+    """`benchmark` of one image for `params`; its own progress bar shows in the panel's output area."""
+    status.value = f"timing: 1 first call, {warmup} warm-up, {runs} timed (the first call compiles, if compile is on)"
+    return benchmark(lambda: generate(pipe, params), warmup=warmup, runs=runs, description="images")
+
+
+def comparison(image, params, label):
+    """The image beside the baseline's, and a sentence saying how close they are (or why there is none)."""
+    baseline = baseline_image(params)
+    if baseline is None:
+        note = "No fp32 baseline for exactly these parameters (notebook 01 records its own): shown alone."
+    else:
+        scores = describe_quality(quality(image, baseline))
+        note = f"Left: notebook 01's fp32 image for the same parameters; right: {label} ({scores})."
+    return side_by_side(image, baseline, label), note
+
+
+class Playground:
+    """Inputs for the parameters that decide an image, a Generate button, and what the last click made."""
+
+    def __init__(self, pipe, params, label="this pipeline", warmup=0, runs=3):
+        self.pipe, self.params, self.label = pipe, params, label
+        self.warmup, self.runs = warmup, runs
+        height, width = image_size(params)
+        self.prompt = widgets.Textarea(value=params.prompt, description="prompt", layout={"width": "95%"})
+        self.negative_prompt = widgets.Text(
+            value=params.negative_prompt, description="negative", layout={"width": "95%"}
+        )
+        # Plain int inputs, not bounded ones: a bad value reaches Params, which says what is wrong with it.
+        self.steps = widgets.IntText(value=params.steps, description="steps")
+        self.guidance = widgets.FloatText(value=params.guidance, description="guidance")
+        self.seed = widgets.IntText(value=params.seed, description="seed")
+        self.height = widgets.IntText(value=height, description="height")
+        self.width = widgets.IntText(value=width, description="width")
+        self.button = widgets.Button(description="Generate", button_style="primary", icon="play")
+        self.status = widgets.Label()
+        self.message = widgets.HTML()
+        self.image = widgets.Image(format="png", layout={"max_width": "100%", "display": "none"})
+        self.latency = widgets.HTML()
+        self.baseline_note = widgets.Label()
+        self.output = widgets.Output()
+        self.last_measurement = None
+        self.last_image = None
+        self.button.on_click(self._clicked)
+        self.widget = widgets.VBox([
+            self.prompt,
+            self.negative_prompt,
+            widgets.HBox([self.steps, self.guidance, self.seed]),
+            widgets.HBox([self.height, self.width]),
+            widgets.HBox([self.button, self.status]),
+            self.output,
+            self.message,
+            self.latency,
+            self.image,
+            self.baseline_note,
+        ])
+        # Stable hooks for the browser test (and for anyone styling the panel).
+        self.widget.add_class("sdxl-playground")
+        self.latency.add_class("sdxl-latency")
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _clicked(self, _button):
+        # Errors nobody planned for show as a traceback in the panel, not in JupyterLab's hidden log.
+        with self.output:
+            self.generate()
+
+    def requested_params(self):
+        """Params from the inputs; raises ValueError with one sentence when one can't work."""
+        native = native_size(self.params.model)
+
+        def side(value, original):
+            # Keep None (the native size) when it is asked for, so the baseline recorded with None still matches.
+            return None if original is None and value == native else value
+
+        return dataclasses.replace(
+            self.params,
+            prompt=self.prompt.value,
+            negative_prompt=self.negative_prompt.value,
+            steps=self.steps.value,
+            guidance=self.guidance.value,
+            seed=self.seed.value,
+            height=side(self.height.value, self.params.height),
+            width=side(self.width.value, self.params.width),
+        )
+
+    def generate(self):
+        """What the button does: check the inputs, time the image, show it beside the baseline."""
+        try:
+            params = self.requested_params()
+        except ValueError as error:
+            self.status.value = ""
+            self.message.value = red(str(error))
+            return
+        self.message.value = ""
+        self.button.disabled = True
+        out_of_memory = False
+        try:
+            measurement = time_images(self.pipe, params, self.warmup, self.runs, self.status)
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        finally:
+            self.button.disabled = False
+        if out_of_memory:
+            # Freed here, outside the except block, once the traceback no longer holds the activations.
+            free_memory()
+            self.status.value = ""
+            self.message.value = red(OUT_OF_MEMORY)
+            return
+        self.last_measurement, self.last_image = measurement, measurement.output
+        shown, self.baseline_note.value = comparison(measurement.output, params, self.label)
+        show_image(self.image, shown)
+        self.latency.value = html.escape(describe_latency(measurement, device_name(self.pipe.device)))
+        self.status.value = "done"
+
+
+def playground(pipe, params, label="this pipeline", warmup=0, runs=3):
+    """A panel to change the image's parameters and time `pipe` on them: few runs, so a click is quick."""
+    return Playground(pipe, params, label=label, warmup=warmup, runs=runs)
+
+
+def build_with_flags(
+    model, dtype, sdpa=True, fused_qkv=False, int8=False, compile="off", compile_mode="max-autotune", device=None
+):
+    """A pipeline with exactly these optimizations, in the ladder's order: compilation last, on the final modules."""
+    if fused_qkv and not sdpa:
+        raise ValueError("fused QKV runs through SDPA (diffusers' FusedAttnProcessor2_0): switch SDPA on to fuse.")
+    if compile not in ("off", "full", "regional"):
+        raise ValueError(f"compile must be 'off', 'full' or 'regional', got {compile!r}.")
+    pipe = load_pipeline(model, dtype=dtype, device=device)
+    if sdpa:
+        use_sdpa(pipe)
+    else:
+        use_plain_attention(pipe)
+    if fused_qkv:
+        fuse_qkv(pipe)
+    if int8:
+        quantize_int8(pipe)
+    if compile == "full":
+        compile_pipeline(pipe, mode=compile_mode)
+    elif compile == "regional":
+        compile_regions(pipe, mode=compile_mode)
+    return pipe
+
+
+def int8_unavailable():
+    """None where torchao's int8 quantization imports, else one sentence saying why it can't be used."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
+    except Exception as error:  # a torchao built for another torch can fail on import with any error
+        return f"int8 needs torchao, which failed to import here ({type(error).__name__}: {str(error)[:120]})."
+    return None
+
+
+def describe_flags(flags):
+    dtype = str(flags["dtype"]).removeprefix("torch.")
+    parts = [dtype, "SDPA" if flags["sdpa"] else "plain attention"]
+    parts += [name for name, on in (("fused QKV", flags["fused_qkv"]), ("int8", flags["int8"])) if on]
+    if flags["compile"] != "off":
+        parts.append(f"compiled {flags['compile']} ({flags['compile_mode']})")
+    return ", ".join(parts)
+
+
+def results_table(rows):
+    """HTML table of every configuration tried, with its speed-up against the first one."""
+    first_s = rows[0]["median_s"]
+    headers = ("#", "configuration", "median", "IQR", "first call", "speed-up vs #1")
+    lines = ["<tr>" + "".join(f"<th>{header}</th>" for header in headers) + "</tr>"]
+    for number, row in enumerate(rows, 1):
+        lines.append(
+            f"<tr><td>{number}</td><td>{html.escape(row['configuration'])}</td><td>{row['median_s']:.3f} s</td>"
+            f"<td>{row['iqr_s']:.3f} s</td><td>{row['first_call_s']:.2f} s</td>"
+            f"<td>{first_s / row['median_s']:.2f}x</td></tr>"
+        )
+    style = "<style>.sdxl-table th, .sdxl-table td {padding: 2px 10px; text-align: left}</style>"
+    return style + '<table class="sdxl-table">' + "".join(lines) + "</table>"
+
+
+class FlagsPanel:
+    """A toggle per optimization, a Rebuild button, and a table of every configuration tried."""
+
+    def __init__(self, params, device=None):
+        self.params, self.device = params, device
+        low = low_precision_dtype(device, verbose=False)
+        self.dtype = widgets.Dropdown(
+            options=[("float32", torch.float32), (f"{str(low).removeprefix('torch.')} (low precision)", low)],
+            value=low, description="dtype",
+        )
+        self.sdpa = widgets.Checkbox(value=True, description="SDPA attention")
+        self.fused_qkv = widgets.Checkbox(value=False, description="fused QKV")
+        self.int8 = widgets.Checkbox(value=False, description="int8 dynamic")
+        self.int8_note = widgets.Label(int8_unavailable() or "")
+        self.int8.disabled = bool(self.int8_note.value)
+        self.compile = widgets.Dropdown(options=COMPILE_CHOICES, value="off", description="compile")
+        self.compile_mode = widgets.Dropdown(options=COMPILE_MODES, value=params.compile_mode, description="mode",
+                                             disabled=True)
+        self.button = widgets.Button(description="Rebuild and time", button_style="primary", icon="refresh")
+        self.status = widgets.Label()
+        self.message = widgets.HTML()
+        self.output = widgets.Output()
+        self.image = widgets.Image(format="png", layout={"max_width": "100%", "display": "none"})
+        self.latency = widgets.HTML()
+        self.baseline_note = widgets.Label()
+        self.table = widgets.HTML()
+        self.pipe = None
+        self.rows = []
+        self.last_measurement = None
+        self.last_image = None
+        self.sdpa.observe(self._sdpa_changed, "value")
+        self.compile.observe(self._compile_changed, "value")
+        self.button.on_click(self._clicked)
+        self.widget = widgets.VBox([
+            widgets.HBox([self.dtype, self.sdpa, self.fused_qkv]),
+            widgets.HBox([self.int8, self.int8_note]),
+            widgets.HBox([self.compile, self.compile_mode]),
+            widgets.HBox([self.button, self.status]),
+            self.output,
+            self.message,
+            self.latency,
+            self.image,
+            self.baseline_note,
+            self.table,
+        ])
+        self.widget.add_class("sdxl-flags")
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _sdpa_changed(self, change):
+        # diffusers' fused QKV always runs through SDPA: without SDPA the flag would be a lie.
+        if not change["new"]:
+            self.fused_qkv.value = False
+        self.fused_qkv.disabled = not change["new"]
+
+    def _compile_changed(self, change):
+        self.compile_mode.disabled = change["new"] == "off"
+
+    def _clicked(self, _button):
+        with self.output:
+            self.rebuild()
+
+    def flags(self):
+        return {
+            "dtype": self.dtype.value,
+            "sdpa": self.sdpa.value,
+            "fused_qkv": self.fused_qkv.value,
+            "int8": self.int8.value,
+            "compile": self.compile.value,
+            "compile_mode": self.compile_mode.value,
+        }
+
+    def release_pipeline(self, compiling_next):
+        """Drop the previous pipeline and free its memory before the next one loads, so both never coexist."""
+        was_compiled = self.pipe is not None and is_compiled(self.pipe)
+        self.pipe = None
+        if was_compiled or compiling_next:
+            # Dynamo's caches hold the compiled modules (and so the old weights) until reset.
+            torch._dynamo.reset()
+        free_memory()
+
+    def rebuild(self):
+        """What the button does: free the old pipeline, build one with the toggles' flags, time it, add a row."""
+        flags = self.flags()
+        configuration = describe_flags(flags)
+        self.message.value = ""
+        self.button.disabled = True
+        self.release_pipeline(compiling_next=flags["compile"] != "off")
+        failure = None
+        try:
+            self.status.value = f"building: {configuration}"
+            self.pipe = build_with_flags(self.params.model, device=self.device, **flags)
+            measurement = time_images(self.pipe, self.params, self.params.warmup, self.params.runs, self.status)
+        except torch.cuda.OutOfMemoryError:
+            failure = OUT_OF_MEMORY
+        except (ModelUnavailable, ValueError) as error:
+            failure = str(error)
+        finally:
+            self.button.disabled = False
+        if failure is not None:
+            self.pipe = None
+            free_memory()
+            self.status.value = ""
+            self.message.value = red(failure)
+            return
+        self.last_measurement, self.last_image = measurement, measurement.output
+        self.rows.append({**flags, "configuration": configuration, "median_s": measurement.median_s,
+                          "iqr_s": measurement.iqr_s, "first_call_s": measurement.first_call_s})
+        shown, self.baseline_note.value = comparison(measurement.output, self.params, f"#{len(self.rows)}")
+        show_image(self.image, shown)
+        self.latency.value = html.escape(describe_latency(measurement, device_name(self.pipe.device)))
+        self.table.value = results_table(self.rows)
+        self.status.value = "done"
+
+
+def flags_panel(params, device=None):
+    """A panel to switch optimizations on and off one at a time and see what each is worth."""
+    return FlagsPanel(params, device=device)

@@ -1,0 +1,148 @@
+"""The playground and the flags panel, driven through their widgets on the tiny model (never compiled: slow on CPU)."""
+
+import dataclasses
+import html
+import io
+import re
+import sys
+import weakref
+
+import pytest
+import torch
+from PIL import Image
+
+import helpers
+from helpers.images import side_by_side
+from helpers.params import Params
+from helpers.report import record_step
+from helpers.widgets import OUT_OF_MEMORY, build_with_flags, flags_panel, playground
+
+LATENCY = re.compile(r"\d+\.\d+ s median, IQR \d+\.\d+ s, 1 runs, on .+; first call \d+\.\d+ s")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return helpers.load_pipeline("tiny")
+
+
+@pytest.fixture
+def params(tmp_path):
+    return Params(model="tiny", steps=2, height=64, width=64, runs=1, warmup=0, out_dir=str(tmp_path))
+
+
+def shown_image(panel):
+    data = bytes(panel.image.value)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    return Image.open(io.BytesIO(data))
+
+
+def test_generate_shows_the_image_and_its_latency(pipe, params):
+    panel = playground(pipe, params, label="tiny", runs=1)
+    panel.prompt.value = "a red fox in the snow"
+    panel.width.value = 96
+    panel.button.click()
+
+    assert panel.message.value == ""
+    assert LATENCY.search(panel.latency.value), panel.latency.value
+    assert panel.last_image.size == (96, 64)
+    assert shown_image(panel).size == side_by_side(panel.last_image, None, "tiny").size
+    assert panel.baseline_note.value.startswith("No fp32 baseline")
+    assert not panel.button.disabled
+
+
+def test_the_baseline_shows_beside_the_image_when_the_parameters_match(pipe, params):
+    image = helpers.widgets.generate(pipe, params)
+    record_step("01", helpers.benchmark(lambda: image, warmup=0, runs=1, progress=False), params, torch.float32, image)
+    panel = playground(pipe, params, label="tiny", runs=1)
+    panel.button.click()
+
+    assert panel.baseline_note.value.startswith("Left: notebook 01's fp32 image")
+    assert "identical" in panel.baseline_note.value  # same pipeline, same seed
+    assert shown_image(panel).size == side_by_side(panel.last_image, image, "tiny").size
+
+
+def test_the_native_size_keeps_matching_a_baseline_recorded_without_a_size(pipe, params):
+    native = Params(model="tiny", out_dir=params.out_dir)
+    panel = playground(pipe, native)
+    assert (panel.height.value, panel.width.value) == (128, 128)
+    assert panel.requested_params().height is None
+    panel.height.value = 64
+    assert panel.requested_params().height == 64
+
+
+@pytest.mark.parametrize("field, value", [("height", 100), ("prompt", "  "), ("steps", 0)])
+def test_a_bad_input_shows_one_sentence_and_makes_no_image(pipe, params, field, value):
+    panel = playground(pipe, params)
+    panel.image.value = b"before"
+    setattr(getattr(panel, field), "value", value)
+    panel.button.click()
+
+    with pytest.raises(ValueError) as error:
+        dataclasses.replace(params, **{field: value})
+    assert html.escape(str(error.value)) in panel.message.value
+    assert "color:#b00020" in panel.message.value
+    assert bytes(panel.image.value) == b"before"
+    assert panel.last_image is None and panel.last_measurement is None
+
+
+def test_out_of_memory_says_what_to_do(pipe, params, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(helpers.widgets, "generate", out_of_memory)
+    panel = playground(pipe, params)
+    panel.button.click()
+
+    assert OUT_OF_MEMORY in panel.message.value
+    assert panel.last_image is None
+    assert not panel.button.disabled
+
+
+def test_rebuild_adds_a_row_and_releases_the_previous_pipeline(params):
+    panel = flags_panel(params)
+    panel.dtype.value = torch.float32
+    panel.sdpa.value = False
+    assert panel.fused_qkv.disabled  # fused QKV runs through SDPA
+    panel.button.click()
+
+    assert panel.message.value == ""
+    assert helpers.describe(panel.pipe)["attention"]["unet"] == ["AttnProcessor"]
+    assert LATENCY.search(panel.latency.value), panel.latency.value
+    assert shown_image(panel).size == side_by_side(panel.last_image, None, "#1").size
+    previous = weakref.ref(panel.pipe)
+
+    panel.dtype.value = helpers.low_precision_dtype(verbose=False)
+    panel.sdpa.value = True
+    panel.fused_qkv.value = True
+    panel.button.click()
+
+    assert previous() is None
+    state = helpers.describe(panel.pipe)
+    assert state["dtypes"]["unet"] == str(helpers.low_precision_dtype(verbose=False))
+    assert state["fused_qkv"] and not state["compiled"]
+    assert [row["configuration"] for row in panel.rows] == ["float32, plain attention", "bfloat16, SDPA, fused QKV"]
+    assert panel.table.value.count("<tr>") == 3  # the header and one row per rebuild
+    assert "float32, plain attention" in panel.table.value and "1.00x" in panel.table.value
+
+
+def test_build_with_flags_matches_the_ladder(params):
+    low = helpers.low_precision_dtype(verbose=False)
+    ours = build_with_flags("tiny", low, sdpa=True, fused_qkv=True)
+    ladder = helpers.build("tiny", through="05", compile=False, verbose=False)
+    assert helpers.describe(ours) == helpers.describe(ladder)
+    with pytest.raises(ValueError, match="fused QKV runs through SDPA"):
+        build_with_flags("tiny", low, sdpa=False, fused_qkv=True)
+
+
+def test_int8_is_disabled_with_a_reason_without_torchao(params, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # makes the import fail
+    panel = flags_panel(params)
+    assert panel.int8.disabled
+    assert panel.int8_note.value.startswith("int8 needs torchao")
+
+
+def test_compile_mode_is_offered_only_when_compiling(params):
+    panel = flags_panel(params)
+    assert panel.compile_mode.disabled
+    panel.compile.value = "regional"
+    assert not panel.compile_mode.disabled
