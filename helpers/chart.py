@@ -90,7 +90,8 @@ def _draw_bars(ax, groups, values, text_of, seed=None, log=False, errors=None, m
                       label=_group_label(by_step, with_workload=True))
         ax.bar_label(bars, [text_of(group_values[step], by_step[step]) for _, step in steps], padding=3,
                      fontsize=LABEL_SIZE, rotation=rotation)
-        heights_drawn += heights
+        # bar_label writes above the error bar's cap, so the room above must count the whisker too
+        heights_drawn += [h + e for h, e in zip(heights, yerr or [0] * len(heights))]
         for x, step in enumerate(STEPS):
             gap = None if step.id in group_values else _gap(by_step.get(step.id), step.id, missing_text)
             if gap:

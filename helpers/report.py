@@ -64,7 +64,9 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     print(f"{step.id} {step.title} on {record['device']}: {measurement}")
     if record.get("tflops_per_s"):
         peak = f", {100 * record['peak_fraction']:.0f}% of the measured matmul peak" if record.get("peak_fraction") else ""
-        print(f"   {record['tflops_per_s']:.1f} TFLOP/s of matmul and convolution{peak}")
+        rate = record["tflops_per_s"]
+        rate = f"{rate:.1f} TFLOP/s" if rate >= 0.1 else f"{rate * 1e3:.2f} GFLOP/s"
+        print(f"   {rate} of matmul, convolution and attention{peak}")
     if step.a100_seed_s is not None:
         print(f"   the tutorial's A100 (1024x1024, 30 steps): {step.a100_seed_s:.2f} s")
     if step.id != "01":
