@@ -27,6 +27,10 @@ def parse_args(argv):
     run.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES)
     run.add_argument("--only", default=None, help="steps to run, e.g. 01,03 or 04-07 (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--inductor-cache", default=None, metavar="DIR",
+        help="share one Inductor cache folder between the notebooks: faster, but compile times are no longer cold",
+    )
 
     chart = commands.add_parser("chart", help="redraw DIR/latency_per_step.png from DIR/results.json")
     chart.add_argument("out", help="a folder written by `run`")
@@ -47,7 +51,7 @@ def main(argv=None):
             warmup=args.warmup, runs=args.runs, out_dir=args.out, compile_mode=args.compile_mode,
         )
         select_steps(args.only)
-        run_series(params, args.out, only=args.only, progress=not args.no_progress)
+        run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache)
     except (ValueError, ModelUnavailable, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -10,9 +10,8 @@
 
 import json
 import re
-from pathlib import Path
-
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -128,7 +127,7 @@ def _quiet_diffusers():
 def _from_pretrained(model, dtype):
     try:
         return StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelUnavailable(
             f"Could not load {model!r} ({first_line[:200]}); check the id and your connection or token, or "

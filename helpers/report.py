@@ -63,7 +63,8 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     append_record(params.out_dir, record)
     print(f"{step.id} {step.title} on {record['device']}: {measurement}")
     if record.get("tflops_per_s"):
-        peak = f", {100 * record['peak_fraction']:.0f}% of the measured matmul peak" if record.get("peak_fraction") else ""
+        fraction = record.get("peak_fraction")
+        peak = f", {100 * fraction:.0f}% of the measured matmul peak" if fraction else ""
         rate = record["tflops_per_s"]
         rate = f"{rate:.1f} TFLOP/s" if rate >= 0.1 else f"{rate * 1e3:.2f} GFLOP/s"
         print(f"   {rate} of matmul, convolution and attention{peak}")

@@ -19,7 +19,7 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 OUT_OF_MEMORY = ("OutOfMemoryError", "OutOfMemory")
 OOM_ADVICE = (
     "out of GPU memory: use a smaller --height/--width, free other GPU work, or use a GPU with more memory "
-    "(fp32 SDXL at 1024x1024 needs about 20 GB)"
+    "(SDXL's fp32 weights alone are 14 GB)"
 )
 
 
@@ -62,8 +62,13 @@ def select_steps(only):
     return [step for step in STEPS if step.id in wanted]
 
 
-def run_series(params, out_dir, only=None, progress=True):
-    """Execute the selected notebooks in order into `out_dir`; returns the list of (step, status)."""
+def run_series(params, out_dir, only=None, progress=True, inductor_cache=None):
+    """Execute the selected notebooks in order into `out_dir`; returns the list of (step, status).
+
+    Each notebook gets a fresh Inductor cache, so every first call is a cold compile, unless `inductor_cache`
+    names a folder that all of them share: faster (kernels compiled once are reused), but then the first calls
+    of later notebooks are no longer cold, and the compile-time comparison of notebook 07 says less.
+    """
     from .chart import chart_from_dir
 
     out_dir = Path(out_dir).resolve()
@@ -73,8 +78,9 @@ def run_series(params, out_dir, only=None, progress=True):
     # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
     params = Params(**{**params.to_dict(), "out_dir": "."})
     statuses = []
-    with tempfile.TemporaryDirectory(prefix="inductor-") as caches:
-        _run_notebooks(steps, params, out_dir, Path(caches), progress, statuses)
+    with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
+        caches = {step.id: Path(inductor_cache or Path(fresh) / step.id).resolve() for step in steps}
+        _run_notebooks(steps, params, out_dir, caches, progress, statuses)
     if any(status == "ok" for _, status in statuses):
         chart = chart_from_dir(out_dir)
         print(f"Chart: {chart}")
@@ -82,13 +88,13 @@ def run_series(params, out_dir, only=None, progress=True):
 
 
 def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
-    """Execute each notebook in its own kernel; a fresh Inductor cache each, so every first call compiles cold."""
+    """Execute each notebook in its own kernel, with the Inductor cache folder `caches` gives its step."""
     import papermill
 
     for step in steps:
         print(f"== {step.id} {step.title} ({step.notebook})", flush=True)
         try:
-            with _environment({"TORCHINDUCTOR_CACHE_DIR": str(caches / step.id)}):
+            with _environment({"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id])}):
                 papermill.execute_notebook(
                     NOTEBOOKS_DIR / step.notebook,
                     out_dir / "notebooks" / step.notebook,

@@ -30,10 +30,12 @@ STEP_IDS = tuple(step.id for step in STEPS)
 
 
 def get_step(key):
-    """The step whose id ("04"), number (4), title or notebook name is `key`."""
+    """The step whose id ("04"), number (4), title ("torch.compile") or notebook name ("04_torch_compile",
+    "torch_compile") is `key`."""
     text = str(key).strip().lower().removesuffix(".ipynb")
     for step in STEPS:
-        if text in (step.id, step.id.lstrip("0"), step.title.lower(), step.notebook.lower().removesuffix(".ipynb")):
+        notebook = step.notebook.lower().removesuffix(".ipynb")
+        if text in (step.id, step.id.lstrip("0"), step.title.lower(), notebook, notebook.split("_", 1)[1]):
             return step
     known = ", ".join(f"{s.id} ({s.title})" for s in STEPS)
     raise ValueError(f"Unknown step {key!r}: choose one of {known}.")

@@ -96,4 +96,6 @@ def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
     bar.close()
 
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    return Measurement(samples_s=samples_s, first_call_s=first_call_s, warmup=warmup, peak_memory_gb=peak, output=output)
+    return Measurement(
+        samples_s=samples_s, first_call_s=first_call_s, warmup=warmup, peak_memory_gb=peak, output=output
+    )

@@ -16,7 +16,8 @@ from helpers import Params, benchmark, generate, load_pipeline
 
 def compare(name, work, runs):
     ours = benchmark(work, warmup=3, runs=runs, progress=False).median_s
-    theirs = torch_benchmark.Timer("work()", globals={"work": work}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=5).median
+    timer = torch_benchmark.Timer("work()", globals={"work": work}, num_threads=torch.get_num_threads())
+    theirs = timer.blocked_autorange(min_run_time=5).median
     print(f"{name:28} helpers {ours * 1e3:9.2f} ms   torch.utils.benchmark {theirs * 1e3:9.2f} ms   "
           f"ratio {ours / theirs:.3f}")
 

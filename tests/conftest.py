@@ -25,11 +25,14 @@ def notebook_cells(notebook, tag):
 def series(tmp_path_factory):
     """The whole course run once headless by the README's main command, on the tiny model."""
     out = tmp_path_factory.mktemp("series")
+    # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
+    cache = tmp_path_factory.mktemp("inductor")
     env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", *SERIES_ARGS],
+        [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", "--inductor-cache", str(cache),
+         *SERIES_ARGS],
         capture_output=True, text=True, env=env, cwd=ROOT,
     )
-    (out / "runner.log").write_text(proc.stdout + proc.stderr)
+    (out.parent / "runner.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr

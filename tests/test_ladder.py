@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import notebook_cells
 
 import helpers
-from conftest import notebook_cells
 from helpers.params import Params
 
 PARAMETERS = {f.upper(): v for f, v in Params(model="tiny", steps=2, height=64, width=64).to_dict().items()}

@@ -1,7 +1,7 @@
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +36,12 @@ def test_importing_helpers_changes_no_torch_setting():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("True")
+
+
+def test_code_is_linted():
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).parent / "ruff"  # installed with the test extra, beside this python
+    result = subprocess.run([ruff, "check", "helpers", "tests", "scripts"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -10,6 +10,7 @@ import helpers.__main__ as cli
 import helpers.runner as runner
 
 PARAMETERS = new_code_cell('MODEL = "tiny"\nOUT_DIR = "."', metadata={"tags": ["parameters"]})
+OUT_OF_MEMORY = 'raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")'
 RECORD_A_STEP = """
 import helpers
 from helpers.timing import Measurement
@@ -29,7 +30,7 @@ def test_out_of_memory_and_unavailable_steps_are_recorded_and_the_run_goes_on(tm
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     stand_in_notebooks(notebooks, {
-        "01_baseline.ipynb": ["import torch", 'raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")'],
+        "01_baseline.ipynb": ["import torch", OUT_OF_MEMORY],
         "02_bfloat16.ipynb": ["import helpers", 'raise helpers.StepUnavailable("torchao is missing.")'],
         "03_sdpa.ipynb": [RECORD_A_STEP],
     })

@@ -74,7 +74,7 @@ def test_the_native_size_keeps_matching_a_baseline_recorded_without_a_size(pipe,
 def test_a_bad_input_shows_one_sentence_and_makes_no_image(pipe, params, field, value):
     panel = playground(pipe, params)
     panel.image.value = b"before"
-    setattr(getattr(panel, field), "value", value)
+    getattr(panel, field).value = value
     panel.button.click()
 
     with pytest.raises(ValueError) as error:
