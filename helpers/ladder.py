@@ -77,6 +77,7 @@ def int8_filter(unet):
     def worth_quantizing(module, fqn):
         return (
             isinstance(module, torch.nn.Linear)
+            and type(module.weight) is torch.nn.Parameter  # not quantized already
             and min(module.in_features, module.out_features) >= widest
             and fqn not in replaced_by_fusion
             and not any(part in fqn for part in ("time_emb", "add_embedding", "attn2.to_k", "attn2.to_v"))

@@ -103,8 +103,10 @@ def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
                     progress_bar=progress,
                     kernel_name="python3",
                 )
+            _relative_paths(out_dir / "notebooks" / step.notebook)
             statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
+            _relative_paths(out_dir / "notebooks" / step.notebook)
             if error.ename in OUT_OF_MEMORY:
                 print(f"{step.id}: {OOM_ADVICE}; going on with the next notebook.")
                 append_record(out_dir, _failure_record(step, params, "out_of_memory", OOM_ADVICE))
@@ -120,6 +122,18 @@ def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
                 f"{error.evalue.strip().splitlines()[0] if error.evalue.strip() else ''} "
                 f"(the executed notebook is {Path('notebooks') / step.notebook} in {out_dir.name})"
             ) from None
+
+
+def _relative_paths(executed):
+    """papermill records where it read and wrote the notebook; keep those paths free of this machine's folders."""
+    import nbformat
+
+    notebook = nbformat.read(executed, as_version=4)
+    paths = notebook.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if paths.get(key):
+            paths[key] = f"notebooks/{Path(paths[key]).name}"
+    nbformat.write(notebook, executed)
 
 
 def _failure_record(step, params, status, note):

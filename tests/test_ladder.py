@@ -86,3 +86,16 @@ def test_missing_torchao_is_one_sentence_and_only_stops_step_06(monkeypatch):
     with pytest.raises(helpers.StepUnavailable):
         helpers.build("tiny", through="06", compile=False, verbose=False)
     assert helpers.describe(helpers.build("tiny", through="05", verbose=False))["fused_qkv"]
+
+
+@pytest.mark.parametrize("step_id, marker", [("05", "fuse_qkv_projections()"), ("06", "quantize_(")])
+def test_notebook_step_cell_run_twice_changes_nothing(step_id, marker):
+    step = helpers.get_step(step_id)
+    namespace = dict(PARAMETERS)
+    cells = notebook_cells(step.notebook, "ladder")
+    for source in cells:
+        exec(compile(source, step.notebook, "exec"), namespace)
+    once = helpers.describe(namespace["pipe"])
+    (step_cell,) = [source for source in cells if marker in source]
+    exec(compile(step_cell, step.notebook, "exec"), namespace)
+    assert helpers.describe(namespace["pipe"]) == once
