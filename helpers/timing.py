@@ -82,11 +82,13 @@ def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
     bar.update()
 
     for _ in range(warmup):
+        output = None  # free the last output first, so the call can reuse its memory as an untimed loop would
         output = fn()
         bar.update()
 
     samples_s = []
     for _ in range(runs):
+        output = None
         synchronize()
         start = time.perf_counter()
         output = fn()

@@ -1,11 +1,13 @@
-"""Compare helpers.benchmark with torch.utils.benchmark on the same work: a tiny-model image and a matmul.
+"""Compare helpers.benchmark with torch.utils.benchmark on the same work: a matmul and a tiny-model image.
 Also prints how long the tiny pipeline takes to build.
 
     python scripts/timing_agreement.py
 
-Prints both medians and their ratio for each workload; run it on an otherwise idle machine.
+The two timers take turns for several rounds (a shared machine drifts by more than 5% over a minute), and the
+median of the per-round ratios is reported with its range. Run it on an otherwise idle machine.
 """
 
+import statistics
 import time
 
 import torch
@@ -14,22 +16,27 @@ import torch.utils.benchmark as torch_benchmark
 from helpers import Params, benchmark, generate, load_pipeline
 
 
-def compare(name, work, runs):
-    ours = benchmark(work, warmup=3, runs=runs, progress=False).median_s
+def compare(name, work, runs, rounds=7):
     timer = torch_benchmark.Timer("work()", globals={"work": work}, num_threads=torch.get_num_threads())
-    theirs = timer.blocked_autorange(min_run_time=5).median
-    print(f"{name:28} helpers {ours * 1e3:9.2f} ms   torch.utils.benchmark {theirs * 1e3:9.2f} ms   "
-          f"ratio {ours / theirs:.3f}")
+    timer.timeit(3)  # warm-up, as benchmark's own
+    ratios = []
+    for _ in range(rounds):
+        ours = benchmark(work, warmup=1, runs=runs, progress=False).median_s
+        theirs = timer.timeit(runs).median
+        ratios.append(ours / theirs)
+    print(f"{name:28} helpers/torch.utils.benchmark median ratio {statistics.median(ratios):.3f} "
+          f"(range {min(ratios):.3f} to {max(ratios):.3f}, {rounds} rounds of {runs} runs; last: "
+          f"{ours * 1e3:.2f} ms vs {theirs * 1e3:.2f} ms)")
 
 
 def main():
     x = torch.randn(1024, 1024)
-    compare("matmul 1024^3 (CPU)", lambda: x @ x, runs=100)
+    compare("matmul 1024^3 (CPU)", lambda: x @ x, runs=50)
     start = time.perf_counter()
     pipe = load_pipeline("tiny", verbose=False)
     print(f"tiny pipeline built in {time.perf_counter() - start:.2f} s")
     params = Params(model="tiny", steps=4)
-    compare("tiny SDXL, 128 px, 4 steps", lambda: generate(pipe, params), runs=30)
+    compare("tiny SDXL, 128 px, 4 steps", lambda: generate(pipe, params), runs=10)
 
 
 if __name__ == "__main__":
