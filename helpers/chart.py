@@ -5,14 +5,12 @@ A100 numbers stand beside them as grey hatched bars. A step that ran out of memo
 gap instead of a bar. The figure is a plain `matplotlib.figure.Figure`: no pyplot state, no rcParams touched.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .results import RESULTS_FILE, latest_records, load_records
+from .results import RESULTS_FILE, latest_records, load_records, write_atomically
 from .steps import STEPS
 
 CHART_FILE = "latency_per_step.png"
@@ -241,15 +239,7 @@ def _require_measurement(records, where):
 
 
 def _save_atomically(fig, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 def draw_chart(records, path=None):

@@ -128,17 +128,27 @@ def _read(path):
         return []
 
 
-def _write_atomically(path, records):
+def write_atomically(path, write):
+    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared results folder must stay readable
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_atomically(path, records):
+    write_atomically(path, lambda f: f.write(json.dumps(records, indent=1).encode()))
 
 
 def append_record(out_dir, record):

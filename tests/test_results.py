@@ -61,8 +61,20 @@ def test_corrupt_results_file_is_kept_aside_and_reported(tmp_path, capsys):
 def test_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     append_record(tmp_path, measured("01", tmp_path))
     before = (tmp_path / RESULTS_FILE).read_text()
-    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         append_record(tmp_path, measured("02", tmp_path))
     assert (tmp_path / RESULTS_FILE).read_text() == before
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_results_stay_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        append_record(tmp_path, measured("01", tmp_path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / RESULTS_FILE).stat().st_mode) == 0o644
