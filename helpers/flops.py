@@ -54,12 +54,13 @@ def image_flops(model="sdxl-random", height=1024, width=1024, steps=30, guidance
 
 
 def efficiency(median_s, flops_total, peak_tflops=H100_BF16_MATMUL_TFLOPS):
-    """Achieved TFLOP/s for `flops_total` done in `median_s`, its fraction of `peak_tflops`, and the time floor."""
+    """Achieved TFLOP/s for `flops_total` done in `median_s`, its fraction of `peak_tflops`, and the time floor
+    (the last two None where `peak_tflops` is None: no peak measured for that device)."""
     tflops_per_s = flops_total / median_s / 1e12
     return {
         "tflops_per_s": tflops_per_s,
-        "peak_fraction": tflops_per_s / peak_tflops,
-        "floor_s": flops_total / (peak_tflops * 1e12),
+        "peak_fraction": tflops_per_s / peak_tflops if peak_tflops else None,
+        "floor_s": flops_total / (peak_tflops * 1e12) if peak_tflops else None,
     }
 
 

@@ -33,14 +33,21 @@ def set_inductor_flags():
     config.coordinate_descent_check_all_directions = True
 
 
-def compile_pipeline(pipe, mode="max-autotune"):
-    """Step 04: channels_last memory layout, then the UNet and the VAE decoder compiled whole."""
+def _ready_to_compile(pipe):
+    """Step 04's flags and channels_last layout, which both ways of compiling start with; False if compiled already."""
     if is_compiled(pipe):
         print("The pipeline is already compiled; build a fresh one to compile it differently.")
-        return
+        return False
     set_inductor_flags()
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
+    return True
+
+
+def compile_pipeline(pipe, mode="max-autotune"):
+    """Step 04: channels_last memory layout, then the UNet and the VAE decoder compiled whole."""
+    if not _ready_to_compile(pipe):
+        return
     pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
 
@@ -124,12 +131,8 @@ def quantize_int8(pipe):
 
 def compile_regions(pipe, mode="max-autotune", dynamic=None):
     """Step 07: compile each repeated transformer block once and reuse the code, instead of the whole UNet."""
-    if is_compiled(pipe):
-        print("The pipeline is already compiled; build a fresh one to compile it differently.")
+    if not _ready_to_compile(pipe):
         return
-    set_inductor_flags()
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
     pipe.unet.compile_repeated_blocks(mode=mode, fullgraph=True, dynamic=dynamic)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=dynamic)
 

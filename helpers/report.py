@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .flops import image_flops, measured_peak_tflops
+from .flops import efficiency, image_flops, measured_peak_tflops
 from .images import describe_quality, image_size, quality, save_image
 from .results import append_record, device_name, load_records, make_record
 from .steps import get_step
@@ -41,13 +41,7 @@ def compute_efficiency(params, median_s):
         flops = image_flops(params.model, height, width, params.steps, params.guidance)["total"]
     except ValueError:  # a local folder of another architecture: not counted
         return {}
-    peak = measured_peak_tflops(device_name())
-    tflops_per_s = flops / median_s / 1e12
-    return {
-        "flops_per_image": flops,
-        "tflops_per_s": tflops_per_s,
-        "peak_fraction": tflops_per_s / peak if peak else None,
-    }
+    return {"flops_per_image": flops, **efficiency(median_s, flops, measured_peak_tflops(device_name()))}
 
 
 def record_step(step, measurement, params, dtype, image, note=None, extra=None):

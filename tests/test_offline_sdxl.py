@@ -97,3 +97,8 @@ def test_efficiency():
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="FLOPs are counted for"):
         image_flops("some/other-model")
+
+
+def test_efficiency_without_a_measured_peak_gives_only_the_rate():
+    result = efficiency(2.0, 416e12, peak_tflops=None)
+    assert result["tflops_per_s"] == pytest.approx(208) and result["peak_fraction"] is None and result["floor_s"] is None
