@@ -101,4 +101,5 @@ def test_unknown_model_is_refused():
 
 def test_efficiency_without_a_measured_peak_gives_only_the_rate():
     result = efficiency(2.0, 416e12, peak_tflops=None)
-    assert result["tflops_per_s"] == pytest.approx(208) and result["peak_fraction"] is None and result["floor_s"] is None
+    assert result["tflops_per_s"] == pytest.approx(208)
+    assert result["peak_fraction"] is None and result["floor_s"] is None
