@@ -10,9 +10,10 @@ from .ladder import (
     compile_pipeline,
     compile_regions,
     describe,
+    drop_unfused_projections,
     fuse_qkv,
     int8_filter,
-    is_pointwise_conv,
+    matmul_autotuning,
     quantize_int8,
     quantized_layers,
     require_torchao,
@@ -22,6 +23,7 @@ from .ladder import (
     use_sdpa,
     weights_gb,
 )
+from .memory import free_memory, live_pipelines, release
 from .models import ModelUnavailable, check_model, load_pipeline, low_precision_dtype, native_size, resolve_model
 from .params import Params
 from .probe import attention_kernels

@@ -24,13 +24,39 @@ def use_sdpa(pipe):
     pipe.vae.set_attn_processor(AttnProcessor2_0())
 
 
-def set_inductor_flags():
+# Step 04's Inductor settings, tuned for SDXL by the tutorial; step 06 adds the int8 one (see quantize_int8).
+INDUCTOR_FLAGS = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "epilogue_fusion": False,
+    "coordinate_descent_check_all_directions": True,
+}
+INT8_INDUCTOR_FLAGS = {"force_fuse_int_mm_with_mul": True}
+
+
+def set_inductor_flags(flags=INDUCTOR_FLAGS):
     """Step 04: the inductor settings the SDXL tutorial tuned. They are global: they apply to every later compile."""
-    config = torch._inductor.config
-    config.conv_1x1_as_mm = True
-    config.coordinate_descent_tuning = True
-    config.epilogue_fusion = False
-    config.coordinate_descent_check_all_directions = True
+    for name, value in flags.items():
+        setattr(torch._inductor.config, name, value)
+
+
+def matmul_autotuning(device):
+    """Whether max-autotune benchmarks matmul and convolution kernels on `device`, and why.
+
+    Inductor autotunes them only on GPUs with at least 68 streaming multiprocessors (its `is_big_gpu`): an A100 or
+    H100 does, an L4 (58) or T4 (40) doesn't, and there max-autotune keeps only its other parts (CUDA graphs,
+    pointwise tuning). On a CPU, its matmul templates need `torch._inductor.config.freezing`, which the course
+    leaves off.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"autotunes_matmuls": False, "why": "a CPU: Inductor's matmul templates need freezing, left off here"}
+    from torch._inductor.utils import is_big_gpu
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    big = is_big_gpu(device)
+    why = f"{sms} streaming multiprocessors; Inductor autotunes matmuls from 68 up"
+    return {"autotunes_matmuls": big, "sms": sms, "why": why}
 
 
 def _ready_to_compile(pipe):
@@ -54,21 +80,43 @@ def compile_pipeline(pipe, mode="max-autotune"):
 
 def fuse_qkv(pipe):
     """Step 05: one (in, 3*out) projection instead of three (in, out) ones in every self-attention."""
-    if unfused_leftovers(pipe.unet):
-        # Fusing again would rebuild the fused layers from the kept originals, undoing step 06's quantization.
+    if is_fused(pipe):
+        # Fusing again would rebuild the fused layers from the originals, undoing step 06's quantization.
         print("The projections are already fused.")
         return
     pipe.fuse_qkv_projections()
+    drop_unfused_projections(pipe)
 
 
-def unfused_leftovers(unet):
-    """The q, k, v projections that step 05 replaced by fused ones: kept for unfusing, never called."""
+def is_fused(pipe):
+    return any(getattr(m, "fused_projections", False) for m in (*pipe.unet.modules(), *pipe.vae.modules()))
+
+
+def unfused_leftovers(model):
+    """The q, k, v projections that step 05 replaced by fused ones: kept by diffusers for unfusing, never called."""
     return {
         f"{name}.{projection}"
-        for name, module in unet.named_modules()
+        for name, module in model.named_modules()
         if getattr(module, "fused_projections", False)
         for projection in (("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"))
+        if getattr(module, projection, None) is not None
     }
+
+
+def drop_unfused_projections(pipe):
+    """Free the projections that fusion replaced (in SDXL's UNet 648 M parameters, 1.3 GB in bfloat16).
+
+    diffusers keeps them so that `unfuse_qkv_projections()` can restore them; the fused attention never calls them.
+    After this the pipeline can't be unfused: build a new one instead. Returns the number of parameters freed.
+    """
+    freed = 0
+    for model in (pipe.unet, pipe.vae):
+        for name in unfused_leftovers(model):
+            parent_name, projection = name.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            freed += sum(p.numel() for p in getattr(parent, projection).parameters())
+            setattr(parent, projection, None)
+    return freed
 
 
 def int8_filter(unet):
@@ -76,26 +124,20 @@ def int8_filter(unet):
 
     Dynamic int8 quantizes each activation on the fly, which only pays off on large matmuls: in SDXL the
     1280-wide layers of the innermost level. The cross-attention keys and values see 77 text tokens and the
-    time embeddings one row per image: too few rows to gain anything.
+    time embeddings one row per image: too few rows to gain anything. The resnets' 1x1 shortcut convolutions stay
+    as they are (Inductor already runs them as matmuls): they are a fraction of a percent of the UNet's work.
     """
     widest = unet.config.block_out_channels[-1]
-    replaced_by_fusion = unfused_leftovers(unet)
 
     def worth_quantizing(module, fqn):
         return (
             isinstance(module, torch.nn.Linear)
             and type(module.weight) is torch.nn.Parameter  # not quantized already
             and min(module.in_features, module.out_features) >= widest
-            and fqn not in replaced_by_fusion
             and not any(part in fqn for part in ("time_emb", "add_embedding", "attn2.to_k", "attn2.to_v"))
         )
 
     return worth_quantizing
-
-
-def is_pointwise_conv(module, *args):
-    """1x1 convolutions are matmuls in disguise: as linear layers, int8 quantization can reach them."""
-    return isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
 
 
 def require_torchao():
@@ -118,21 +160,34 @@ def weights_gb(module):
 
 
 def quantize_int8(pipe):
-    """Step 06: torchao's dynamic int8 quantization (int8 weights, activations quantized per call)."""
+    """Step 06: torchao's dynamic int8 quantization (int8 weights, activations quantized per call).
+
+    `set_inductor_config=False`: the Inductor flag int8 needs is set here, visibly, instead of by torchao, whose
+    versions up to 0.17 also switched every fp32 matmul of the process to TF32 (`set_float32_matmul_precision`).
+    """
     require_torchao()
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_, swap_conv2d_1x1_to_linear
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     if quantized_layers(pipe.unet):
         print("The UNet is already quantized; quantizing again would change nothing.")
         return
-    swap_conv2d_1x1_to_linear(pipe.unet, is_pointwise_conv)
-    quantize_(pipe.unet, Int8DynamicActivationInt8WeightConfig(), filter_fn=int8_filter(pipe.unet))
+    set_inductor_flags(INT8_INDUCTOR_FLAGS)
+    quantize_(pipe.unet, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+              filter_fn=int8_filter(pipe.unet))
 
 
-def compile_regions(pipe, mode="max-autotune", dynamic=None):
-    """Step 07: compile each repeated transformer block once and reuse the code, instead of the whole UNet."""
+def compile_regions(pipe, mode="max-autotune", dynamic=False):
+    """Step 07: compile each repeated transformer block once per shape and reuse the code, not the whole UNet.
+
+    `dynamic=False` keeps the shapes static: SDXL's blocks run at two widths (640 and 1280 channels), and with
+    torch's default (`dynamic=None`) the second width would make Dynamo recompile with symbolic sizes.
+    `dynamic=True` compiles symbolic sizes from the start; duck shaping is turned off then, as diffusers advises,
+    so that equal sizes (a square image) are not assumed equal for every later image.
+    """
     if not _ready_to_compile(pipe):
         return
+    if dynamic:
+        torch.fx.experimental._config.use_duck_shape = False
     pipe.unet.compile_repeated_blocks(mode=mode, fullgraph=True, dynamic=dynamic)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=dynamic)
 
@@ -174,12 +229,27 @@ def is_compiled(pipe):
     return bool(describe(pipe)["compiled"])
 
 
-def _compile_config(compiled):
-    """The inductor options a torch.compile wrapper was made with (mode turned into its flags)."""
-    backend = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+def _dynamo_context(compiled):
+    """The context torch.compile wrapped `compiled` in: a compiled module's `dynamo_ctx`, or a compiled function's."""
+    if hasattr(compiled, "dynamo_ctx"):
+        return compiled.dynamo_ctx
+    cells = getattr(compiled, "__closure__", None) or ()
+    return next((c.cell_contents for c in cells if type(c.cell_contents).__name__ == "OptimizeContext"), None)
+
+
+def compile_options(compiled):
+    """How `compiled` was compiled: fullgraph, dynamic and the Inductor options its mode set; None if it wasn't."""
+    context = _dynamo_context(compiled)
+    if context is None:
+        return None
+    backend = context.callback
     while backend is not None and not hasattr(backend, "config"):
         backend = getattr(backend, "_torchdynamo_orig_backend", None)
-    return dict(sorted(getattr(backend, "config", {}).items())) if backend is not None else None
+    return {
+        "fullgraph": context.fullgraph,
+        "dynamic": context._dynamic,
+        "mode_options": dict(sorted((getattr(backend, "config", None) or {}).items())),
+    }
 
 
 def describe(pipe):
@@ -187,7 +257,7 @@ def describe(pipe):
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     models = {"unet": unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4]
-    compiled_blocks = [name for name, m in unet.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    compiled_blocks = [m._compiled_call_impl for m in unet.modules() if getattr(m, "_compiled_call_impl", None)]
     flags = torch._inductor.config
     return {
         "dtypes": {name: str(model.dtype) for name, model in models.items()},
@@ -196,20 +266,18 @@ def describe(pipe):
         },
         "fused_qkv": sorted({type(m).__name__ for m in unet.modules() if getattr(m, "fused_projections", False)}),
         "quantized_layers": quantized_layers(unet),
-        "pointwise_convs": sum(1 for m in convs if m.kernel_size == (1, 1)),
+        "unfused_leftovers": sorted(unfused_leftovers(unet) | unfused_leftovers(pipe.vae)),
         "channels_last": bool(convs) and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs),
         "compiled": {
             key: value
             for key, value in {
-                "unet": _compile_config(pipe.unet) if pipe.unet is not unet else None,
-                "vae.decode": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable") or None,
-                "repeated_blocks": len(compiled_blocks) or None,
+                "unet": compile_options(pipe.unet) if pipe.unet is not unet else None,
+                "vae.decode": compile_options(pipe.vae.decode),
+                "repeated_blocks": {"count": len(compiled_blocks), **compile_options(compiled_blocks[0])}
+                if compiled_blocks else None,
             }.items()
             if value is not None
         },
-        "inductor_flags": {
-            name: getattr(flags, name)
-            for name in ("conv_1x1_as_mm", "coordinate_descent_tuning", "epilogue_fusion",
-                         "coordinate_descent_check_all_directions")
-        },
+        "inductor_flags": {name: getattr(flags, name) for name in {**INDUCTOR_FLAGS, **INT8_INDUCTOR_FLAGS}},
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }

@@ -2,7 +2,8 @@
 
 CUDA kernels run asynchronously: a Python call returns while the GPU is still busy, so the device is
 synchronised on both sides of every timed call. The first call, where torch.compile compiles and
-caches warm up, is timed and reported on its own, never mixed into the steady-state numbers.
+caches warm up, is timed and reported on its own, never mixed into the steady-state numbers; so is its peak
+GPU memory, which holds compilation's autotuning and CUDA-graph recording.
 """
 
 import statistics
@@ -12,10 +13,23 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+# A spread (IQR) above this fraction of the median means something else used the machine while it was measured.
+NOISY_IQR_FRACTION = 0.10
+
 
 def synchronize(device=None):
     if torch.cuda.is_available():
         torch.cuda.synchronize(device)
+
+
+def peak_memory_gb():
+    """The most GPU memory tensors held since the last reset, in GB (None without a GPU)."""
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
+def reset_peak_memory():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 @dataclass
@@ -23,7 +37,8 @@ class Measurement:
     samples_s: list
     first_call_s: float
     warmup: int
-    peak_memory_gb: float | None = None
+    peak_memory_gb: float | None = None  # during the steady, timed calls
+    first_call_peak_memory_gb: float | None = None  # during the first call: compilation included
     output: object = field(default=None, repr=False)
 
     @property
@@ -38,6 +53,11 @@ class Measurement:
         q1, _, q3 = statistics.quantiles(self.samples_s, n=4, method="inclusive")
         return q3 - q1
 
+    @property
+    def noisy(self):
+        """True when the spread is so wide that the median alone would mislead."""
+        return self.iqr_s > NOISY_IQR_FRACTION * self.median_s
+
     def to_dict(self):
         return {
             "median_s": self.median_s,
@@ -48,6 +68,8 @@ class Measurement:
             "first_call_s": self.first_call_s,
             "warmup": self.warmup,
             "peak_memory_gb": self.peak_memory_gb,
+            "first_call_peak_memory_gb": self.first_call_peak_memory_gb,
+            "noisy": self.noisy,
         }
 
     def __str__(self):
@@ -56,7 +78,11 @@ class Measurement:
             f"first call {self.first_call_s:.2f} s"
         )
         if self.peak_memory_gb is not None:
-            text += f"; peak GPU memory {self.peak_memory_gb:.2f} GB"
+            first = self.first_call_peak_memory_gb
+            text += f"; peak GPU memory {self.peak_memory_gb:.2f} GB steady, {first:.2f} GB in the first call"
+        if self.noisy:
+            spread = f"{100 * self.iqr_s / self.median_s:.0f}%"
+            text += f"\nNoisy: the IQR is {spread} of the median; did something else use the machine? Measure again."
         return text
 
 
@@ -69,9 +95,7 @@ def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
         raise ValueError(f"runs must be at least 1, got {runs}.")
     if warmup < 0:
         raise ValueError(f"warmup must be 0 or more, got {warmup}.")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     bar = tqdm(total=1 + warmup + runs, desc=description, disable=not progress, leave=False)
 
     synchronize()
@@ -79,6 +103,7 @@ def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
     output = fn()
     synchronize()
     first_call_s = time.perf_counter() - start
+    first_call_peak = peak_memory_gb()
     bar.update()
 
     for _ in range(warmup):
@@ -86,6 +111,7 @@ def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
         output = fn()
         bar.update()
 
+    reset_peak_memory()
     samples_s = []
     for _ in range(runs):
         output = None
@@ -97,7 +123,7 @@ def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
         bar.update()
     bar.close()
 
-    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     return Measurement(
-        samples_s=samples_s, first_call_s=first_call_s, warmup=warmup, peak_memory_gb=peak, output=output
+        samples_s=samples_s, first_call_s=first_call_s, warmup=warmup, peak_memory_gb=peak_memory_gb(),
+        first_call_peak_memory_gb=first_call_peak, output=output,
     )

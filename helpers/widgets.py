@@ -1,7 +1,8 @@
 """Two notebook panels for trying the course by hand.
 
-`playground(pipe, params)`: change the prompt, size, steps, guidance or seed, press Generate, and see the
-image next to the fp32 baseline with its latency and spread.
+`playground(pipe, params, step)`: change the prompt, size, steps, guidance or seed, press Generate, and see the
+image next to the fp32 baseline with its latency and spread. Once released (a notebook's last cell frees the GPU
+for the next notebook), it builds the step's pipeline again on its next click.
 `flags_panel(params)`: switch each optimization on or off, rebuild the pipeline, time it, and compare every
 configuration tried in one table.
 
@@ -10,7 +11,6 @@ method their button calls, so a test can drive them without a browser.
 """
 
 import dataclasses
-import gc
 import html
 import io
 
@@ -19,29 +19,24 @@ import torch
 
 from .images import describe_quality, generate, image_size, quality, side_by_side
 from .ladder import (
+    build,
     compile_pipeline,
     compile_regions,
     fuse_qkv,
-    is_compiled,
     quantize_int8,
     use_plain_attention,
     use_sdpa,
 )
+from .memory import free_memory
 from .models import ModelUnavailable, load_pipeline, low_precision_dtype, native_size
 from .params import COMPILE_MODES
 from .report import baseline_image
 from .results import device_name
+from .steps import get_step
 from .timing import benchmark
 
 OUT_OF_MEMORY = "out of GPU memory: try a smaller size or fewer steps"
 COMPILE_CHOICES = (("off", "off"), ("whole UNet + VAE decoder (step 04)", "full"), ("regional (step 07)", "regional"))
-
-
-def free_memory():
-    """Give back what dropped objects held: Python's garbage first, then the blocks CUDA keeps cached."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def show_image(image_widget, image):
@@ -88,8 +83,8 @@ def comparison(image, params, label):
 class Playground:
     """Inputs for the parameters that decide an image, a Generate button, and what the last click made."""
 
-    def __init__(self, pipe, params, label="this pipeline", warmup=0, runs=3):
-        self.pipe, self.params, self.label = pipe, params, label
+    def __init__(self, pipe, params, label="this pipeline", warmup=0, runs=3, step=None):
+        self.pipe, self.params, self.label, self.step = pipe, params, label, step
         self.warmup, self.runs = warmup, runs
         height, width = image_size(params)
         self.prompt = widgets.Textarea(value=params.prompt, description="prompt", layout={"width": "95%"})
@@ -136,6 +131,20 @@ class Playground:
         with self.output:
             self.generate()
 
+    def release_pipeline(self):
+        """Let go of the pipeline, so that its memory can be freed; the next click builds the step's again."""
+        self.pipe = None
+
+    def pipeline(self):
+        """The pipeline to time: the one given, or, once released, the step's rebuilt by `helpers.build`."""
+        if self.pipe is None:
+            if self.step is None:
+                raise ValueError("This panel's pipeline was released: run the notebook's cells again to play.")
+            self.status.value = f"building notebook {self.step}'s pipeline again (compiled steps compile again)"
+            self.pipe = build(self.params.model, through=self.step, compile_mode=self.params.compile_mode,
+                              verbose=False)
+        return self.pipe
+
     def requested_params(self):
         """Params from the inputs; raises ValueError with one sentence when one can't work."""
         native = native_size(self.params.model)
@@ -166,12 +175,19 @@ class Playground:
         self.message.value = ""
         self.button.disabled = True
         out_of_memory = False
+        failure = None
         try:
-            measurement = time_images(self.pipe, params, self.warmup, self.runs, self.status)
+            measurement = time_images(self.pipeline(), params, self.warmup, self.runs, self.status)
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
+        except (ModelUnavailable, ValueError) as error:
+            failure = str(error)
         finally:
             self.button.disabled = False
+        if failure is not None:
+            self.status.value = ""
+            self.message.value = red(failure)
+            return
         if out_of_memory:
             # Freed here, outside the except block, once the traceback no longer holds the activations.
             free_memory()
@@ -185,9 +201,13 @@ class Playground:
         self.status.value = "done"
 
 
-def playground(pipe, params, label="this pipeline", warmup=0, runs=3):
-    """A panel to change the image's parameters and time `pipe` on them: few runs, so a click is quick."""
-    return Playground(pipe, params, label=label, warmup=warmup, runs=runs)
+def playground(pipe, params, step=None, label=None, warmup=0, runs=3):
+    """A panel to change the image's parameters and time `pipe` on them: few runs, so a click is quick.
+
+    `step` ("04") names the notebook's step: after `helpers.release(panel)` the panel rebuilds that step's pipeline.
+    """
+    label = label or (f"{step} {get_step(step).title}" if step else "this pipeline")
+    return Playground(pipe, params, label=label, warmup=warmup, runs=runs, step=step and get_step(step).id)
 
 
 def build_with_flags(
@@ -320,13 +340,12 @@ class FlagsPanel:
             "compile_mode": self.compile_mode.value,
         }
 
-    def release_pipeline(self, compiling_next):
-        """Drop the previous pipeline and free its memory before the next one loads, so both never coexist."""
-        was_compiled = self.pipe is not None and is_compiled(self.pipe)
+    def release_pipeline(self):
+        """Drop the previous pipeline and free its memory before the next one loads, so both never coexist.
+
+        No `torch._dynamo.reset()`: it would also throw away the compiled code of the notebook's own pipeline.
+        """
         self.pipe = None
-        if was_compiled or compiling_next:
-            # Dynamo's caches hold the compiled modules (and so the old weights) until reset.
-            torch._dynamo.reset()
         free_memory()
 
     def rebuild(self):
@@ -335,7 +354,7 @@ class FlagsPanel:
         configuration = describe_flags(flags)
         self.message.value = ""
         self.button.disabled = True
-        self.release_pipeline(compiling_next=flags["compile"] != "off")
+        self.release_pipeline()
         failure = None
         try:
             self.status.value = f"building: {configuration}"

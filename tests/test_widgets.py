@@ -146,3 +146,46 @@ def test_compile_mode_is_offered_only_when_compiling(params):
     assert panel.compile_mode.disabled
     panel.compile.value = "regional"
     assert not panel.compile_mode.disabled
+
+
+def test_release_frees_the_pipeline_and_the_next_click_builds_the_step_again(params, capsys):
+    pipe = helpers.build("tiny", through="03", verbose=False)
+    panel = playground(pipe, params, step="03", runs=1)
+    assert panel.label == "03 SDPA"
+    released = weakref.ref(pipe)
+    del pipe
+    helpers.release(panel)
+    assert released() is None
+    assert capsys.readouterr().out.startswith("Released: ")
+
+    panel.button.click()
+    assert panel.message.value == "" and LATENCY.search(panel.latency.value)
+    assert helpers.describe(panel.pipe) == helpers.describe(helpers.build("tiny", through="03", verbose=False))
+
+
+def test_a_released_panel_without_a_step_says_what_to_do(pipe, params):
+    panel = playground(pipe, params)
+    panel.release_pipeline()
+    panel.button.click()
+    assert "run the notebook&#x27;s cells again" in panel.message.value and panel.last_image is None
+
+
+# Regional only: a whole-UNet compile takes minutes on a CPU. The notebook series frees whole-compiled pipelines
+# (notebooks 04 to 06) and checks their release lines (tests/test_notebooks.py).
+@pytest.mark.parametrize("compile_kind", ["regional"])
+def test_a_compiled_pipeline_is_gone_once_the_next_one_is_built(params, compile_kind, monkeypatch):
+    def no_reset():
+        raise AssertionError("torch._dynamo.reset() would drop the notebook's own compiled code too")
+
+    monkeypatch.setattr(torch._dynamo, "reset", no_reset)
+    panel = flags_panel(params)
+    panel.compile.value = compile_kind
+    panel.compile_mode.value = "default"
+    panel.button.click()
+    assert panel.message.value == "" and helpers.describe(panel.pipe)["compiled"]
+    previous = weakref.ref(panel.pipe)
+
+    panel.compile.value = "off"
+    panel.button.click()
+    assert panel.message.value == ""
+    assert previous() is None  # compiled code and its reference cycles went with it
