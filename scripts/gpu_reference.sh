@@ -1,37 +1,60 @@
 #!/usr/bin/env bash
-# The one script to run on a lent GPU machine (H100/H200, Python 3.12 and torch there, no internet): the
-# environment, the bf16 matmul peak, the course's runner on full-size SDXL with random weights, then a profile
-# of the last step while time remains.
+# The reference run on one GPU (H100/H200 class): the environment, the bf16 matmul peak, the course's runner on
+# full-size SDXL with random weights (nothing to download), then a profile of the last step while time remains.
 #
-# First, on this machine, from the project's root:  ../shared/gpu/fetch-wheels.sh   (fills .whl/)
-# Then with the device tool:
-#   run(command="bash scripts/gpu_reference.sh", carry=[".whl"], timeout_s=600)
-#   run(command="bash scripts/gpu_reference.sh 540 --only 01-03", carry=[".whl"], timeout_s=600)
-# Arguments: [BUDGET_S, default 540] [more arguments for `python -m helpers run`, e.g. --only 04-07 --runs 3].
+# Usage, from anywhere:
+#   bash scripts/gpu_reference.sh [--wheels DIR] [BUDGET_S, default 540] [more arguments for `python -m helpers run`]
+#   bash scripts/gpu_reference.sh --wheels wheels 540 --only 01-03
+# Without --wheels (or a WHEELS variable), the packages the GPU machine's python3 has are used. On a machine without
+# internet, bring the course's packages as wheels: on a connected machine with the same Python version and platform,
+#   pip download -d wheels diffusers transformers accelerate torchao safetensors matplotlib scikit-image tqdm \
+#     papermill ipykernel ipywidgets
+# then delete torch, triton and nvidia_* wheels from wheels/ to keep the GPU machine's own CUDA build of torch, and
+# copy the folder there. They are installed into a temporary folder put first on PYTHONPATH, nothing else changes.
 # PROFILE_ARGS replaces the profiler's own arguments (default "--through 07"). OUT defaults to /tmp/gpu_reference_out.
+# The notebooks share one Inductor cache, which the profiler reuses: quicker, but the first calls of notebooks 05
+# to 07 then load kernels compiled by an earlier notebook, so their compile times are not cold ones.
 #
 # $OUT gets at most 8 files, each under 16 MB: log.txt, env.txt (nvidia-smi, versions, matmul TFLOP/s),
 # results.json, latency_per_step.png, notebooks.tar.gz (executed notebooks, images left out) and
 # profile/{summary.json,top_kernels.txt,trace.json.gz}.
 set -uo pipefail
 
+wheels=${WHEELS:-}
+if [[ ${1:-} == --wheels ]]; then
+  wheels=${2:?--wheels needs a folder}
+  shift 2
+fi
 budget_s=${1:-540}
+[[ $budget_s =~ ^[0-9]+$ ]] || { echo "BUDGET_S must be a number of seconds, not '$budget_s'" >&2; exit 2; }
 [[ $# -gt 0 ]] && shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
+[[ -z $wheels ]] || wheels=$(cd "$wheels" && pwd) || exit 2
 OUT=${OUT:-/tmp/gpu_reference_out}
 mkdir -p "$OUT"
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_reference.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cache=$work/inductor
 deadline=$((SECONDS + budget_s))
 left() { echo $((deadline - SECONDS)); }
 
+install_wheels() {
+  if [[ -z $wheels ]]; then
+    echo "== no wheel folder: using the packages python3 has"
+    return 0
+  fi
+  local found=("$wheels"/*.whl)
+  [[ -e ${found[0]} ]] || { echo "no .whl file in $wheels: make them with pip download (see the top of $0)"; return 1; }
+  echo "== installing ${#found[@]} wheels from $wheels"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
+    "${found[@]}" || { echo "could not install the wheels of $wheels"; return 1; }
+  export PYTHONPATH="$work/site:$PYTHONPATH"
+}
+
 main() {
   cd "$repo" || return 1
-  echo "== wheels ($(ls .whl/*.whl 2>/dev/null | wc -l) in .whl/)"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "Could not install .whl/: run ../shared/gpu/fetch-wheels.sh here and carry .whl"; return 1; }
-  export PYTHONPATH="/tmp/site:$repo" PYTHONUNBUFFERED=1
-  # The runner gives each notebook its own inductor cache under TMPDIR; the profiler reuses step 07's.
-  export TMPDIR=/tmp/gpu_reference_tmp
-  mkdir -p "$TMPDIR"
+  export PYTHONPATH="$repo" PYTHONUNBUFFERED=1
+  install_wheels || return 1
 
   echo "== environment -> env.txt"
   {
@@ -76,18 +99,15 @@ EOF
   local run_s=$(($(left) - 30))
   echo "== python -m helpers run (timeout ${run_s} s)"
   timeout --kill-after=10 "$run_s" python3 -m helpers run --model sdxl-random --out "$OUT/run" --steps 30 \
-    --height 1024 --width 1024 --no-progress "$@"
+    --height 1024 --width 1024 --no-progress --inductor-cache "$cache" "$@"
   echo "runner exit status: $?"
   collect_run
 
   if (($(left) > 120)); then
-    local cache
-    cache=$(ls -d "$TMPDIR"/inductor-*/07 2>/dev/null | head -n 1)
-    [[ -n $cache ]] && export TORCHINDUCTOR_CACHE_DIR=$cache
-    echo "== profile (timeout $(($(left) - 15)) s, inductor cache: ${cache:-default})"
+    echo "== profile (timeout $(($(left) - 15)) s, the runner's Inductor cache)"
     # shellcheck disable=SC2086  # PROFILE_ARGS is a list of arguments
     timeout --kill-after=10 $(($(left) - 15)) python3 scripts/profile_final_step.py --model sdxl-random \
-      --out "$OUT/profile" ${PROFILE_ARGS:---through 07}
+      --inductor-cache "$cache" --out "$OUT/profile" ${PROFILE_ARGS:---through 07}
     echo "profiler exit status: $?"
   else
     echo "== profile skipped: $(left) s left"
@@ -101,18 +121,15 @@ collect_run() {
   cp "$run/results.json" "$run/latency_per_step.png" "$OUT/" 2>/dev/null
   python3 - "$OUT/results.json" <<'EOF'
 import json, sys
-from helpers.flops import efficiency, image_flops
 try:
     records = json.load(open(sys.argv[1]))
 except OSError:
     sys.exit("no results.json")
 for r in records:
     if r.get("median_s"):
-        p = r["params"]  # the record's own height and width are the sizes used, native ones resolved
-        total = image_flops(p["model"], r["height"], r["width"], p["steps"], p["guidance"])["total"]
-        e = efficiency(r["median_s"], total)
-        print(f"{r['step']} {r['title']:<18} {r['median_s']:.3f} s (IQR {r['iqr_s']:.3f}) "
-              f"{e['tflops_per_s']:.0f} TFLOP/s, {e['peak_fraction']:.0%} of peak, {r['device']}")
+        rate = f", {r['tflops_per_s']:.0f} TFLOP/s" if r.get("tflops_per_s") else ""
+        share = f", {r['peak_fraction']:.0%} of the measured peak" if r.get("peak_fraction") else ""
+        print(f"{r['step']} {r['title']:<18} {r['median_s']:.3f} s (IQR {r['iqr_s']:.3f}){rate}{share}, {r['device']}")
     else:
         print(f"{r['step']} {r['title']:<18} {r['status']}: {r.get('note')}")
 EOF

@@ -5,32 +5,39 @@ On a GPU (from the project's root, with `helpers` installed or on PYTHONPATH):
 Anywhere, in a few seconds:
     python scripts/profile_final_step.py --model tiny --through 03 --height 128 --width 128 --steps 2 --out /tmp/profile
 
+With --inductor-cache DIR, compiled code comes from (and goes to) DIR: give it the folder `python -m helpers run
+--inductor-cache DIR` used, and the first call loads what the runner compiled instead of compiling again.
+
 Writes to --out:
 - trace.json.gz: the torch.profiler trace of one image (open it in https://ui.perfetto.dev);
 - top_kernels.txt: kernels and ops by self device time (self CPU time on a CPU);
-- summary.json: wall time, time in the text encoders, the denoising loop and the VAE decode, the GPU's idle
-  fraction, the attention backend, and TFLOP/s against the matmul peak.
+- summary.json: the first call's time and what it found in the Inductor cache; wall time, time in the text
+  encoders, the denoising loop and the VAE decode, the GPU's idle fraction, the attention backends (found by aten op
+  and by GPU kernel name, so also under CUDA graphs; the text encoders' attention included), and TFLOP/s against
+  the device's matmul peak where one is known.
 """
 
 import argparse
 import gzip
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from helpers.flops import efficiency, image_flops
+from helpers.flops import efficiency, image_flops, measured_peak_tflops
 from helpers.images import generate
 from helpers.ladder import build, describe
 from helpers.params import COMPILE_MODES, Params
-from helpers.probe import SDPA_OPS
+from helpers.probe import attention_backends
 from helpers.results import device_name, package_versions
 from helpers.timing import synchronize
 
-MAX_FILE_BYTES = 15 * 2**20  # files must stay under 16 MB to come back from the GPU machine
+MAX_FILE_BYTES = 15 * 2**20  # scripts/gpu_reference.sh promises files under 16 MB
 GPU_EVENTS = {"kernel", "gpu_memcpy", "gpu_memset"}
 ANNOTATIONS = {"user_annotation", "gpu_user_annotation"}
 
@@ -45,6 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES)
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first, compiling, one")
+    parser.add_argument(
+        "--inductor-cache", metavar="DIR", default=None,
+        help="Inductor's cache folder (TORCHINDUCTOR_CACHE_DIR), e.g. the one `python -m helpers run` was given",
+    )
     parser.add_argument("--out", required=True, help="folder for trace.json.gz, top_kernels.txt, summary.json")
     return parser.parse_args(argv)
 
@@ -128,10 +139,28 @@ def write_trace(trace, path):
     return "not written: over 15 MB gzipped even without CPU events"
 
 
-def attention_backend(pipe, averages):
-    """The attention processors the pipeline uses, and how many calls each SDPA kernel got."""
-    kernels = {SDPA_OPS[event.key]: event.count for event in averages if event.key in SDPA_OPS}
-    return {"processors": describe(pipe)["attention"], "sdpa_kernels": kernels or "none: plain bmm + softmax"}
+def inductor_cache():
+    """Where Inductor's cache is, and what the compilations so far found in it (read after the first call)."""
+    hits, misses, bypasses = (counters["inductor"][f"fxgraph_cache_{k}"] for k in ("hit", "miss", "bypass"))
+    if not hits + misses + bypasses:
+        state = "nothing compiled"
+    elif not misses + bypasses:
+        state = "warm: every graph came from the cache"
+    elif not hits:
+        state = "cold: every graph compiled"
+    else:
+        state = "partly warm"
+    directory = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's default (under the temp folder)")
+    return {"dir": directory, "state": state, "graphs_from_cache": hits, "graphs_compiled": misses + bypasses}
+
+
+def attention(pipe, averages):
+    """The attention processors of the UNet and the VAE, and the calls each backend got in the profiled image."""
+    backends = attention_backends(averages)
+    summary = {"processors": describe(pipe)["attention"], "backends": backends}
+    if not backends:
+        summary["note"] = "no SDPA op and no attention kernel helpers.probe names: plain attention, off the GPU"
+    return summary
 
 
 def flops_summary(args, wall_s):
@@ -139,11 +168,14 @@ def flops_summary(args, wall_s):
         counted = image_flops(args.model, args.height, args.width, args.steps, args.guidance)
     except ValueError as error:  # a model whose architecture flops.py doesn't know
         return {"note": str(error)}
-    return {"image_tflop": counted["total"] / 1e12, **efficiency(wall_s, counted["total"])}
+    peak = measured_peak_tflops(device_name())  # None where no peak was measured: no fraction of it then
+    return {"image_tflop": counted["total"] / 1e12, "peak_tflops": peak, **efficiency(wall_s, counted["total"], peak)}
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.inductor_cache:  # read when Inductor first looks for compiled code: before the first call
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.inductor_cache).resolve())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -153,8 +185,10 @@ def main(argv=None):
     pipe = build(args.model, through=args.through, compile_mode=args.compile_mode)
     components = Components(pipe)
     start, end = timed_call(lambda: generate(pipe, params))
-    first_call_s = end - start
+    first_call_s, cache = end - start, inductor_cache()
     print(f"First call (compiles where the step compiles): {first_call_s:.2f} s", flush=True)
+    print(f"Inductor cache {cache['dir']}: {cache['state']} ({cache['graphs_from_cache']} graphs loaded, "
+          f"{cache['graphs_compiled']} compiled)", flush=True)
     for _ in range(args.warmup):
         generate(pipe, params)
     start, end = timed_call(lambda: generate(pipe, params))
@@ -187,12 +221,13 @@ def main(argv=None):
         "device": device_name(),
         "versions": package_versions(),
         "first_call_s": first_call_s,
+        "inductor_cache": cache,
         "wall_s": wall_s,
         "parts_s": parts_s,
         "profiled_wall_s": profiled_s,
         "gpu_busy_s": busy_s if cuda else None,
         "gpu_idle_fraction": 1 - busy_s / profiled_s if cuda else None,
-        "attention": attention_backend(pipe, averages),
+        "attention": attention(pipe, averages),
         "flops": flops_summary(args, wall_s),
         "trace": trace_note,
     }
