@@ -1,6 +1,6 @@
 """The course's one chart: each step's latency with its spread, beside its speedup, image quality, peak GPU
 memory and first-call (compile) time, steps always in the order of `STEPS`. Each (device, model) in the results
-is a group of bars of its own, so a workshop can put its attendees' GPUs side by side, and the seed tutorial's
+is a group of bars of its own, so a workshop can put its attendees' GPUs side by side, and the tutorial's
 A100 numbers stand beside them as grey hatched bars. A step that ran out of memory or failed leaves a labelled
 gap instead of a bar. The figure is a plain `matplotlib.figure.Figure`: no pyplot state, no rcParams touched.
 """
@@ -15,8 +15,8 @@ from .steps import STEPS
 
 CHART_FILE = "latency_per_step.png"
 TUTORIAL_WORKLOAD = "1024x1024, 30 steps"
-SEED_LABEL = f"A100 (tutorial, {TUTORIAL_WORKLOAD})"
-SEED_STYLE = {"facecolor": "lightgrey", "edgecolor": "dimgrey", "hatch": "//"}
+TUTORIAL_LABEL = f"A100 (tutorial, {TUTORIAL_WORKLOAD})"
+TUTORIAL_STYLE = {"facecolor": "lightgrey", "edgecolor": "dimgrey", "hatch": "//"}
 GAP_LABELS = {"out_of_memory": "OOM", "failed": "failed", "skipped": "skipped"}
 LABEL_SIZE = 7.5
 
@@ -69,13 +69,13 @@ def _gap(record, step_id, missing_text):
     return missing_text(step_id), "grey"
 
 
-def _draw_bars(ax, groups, values, text_of, seed=None, log=False, errors=None, missing_text=lambda step: "n/a"):
-    """Grouped bars at each step: one slot per group, and a last one for `seed` ({step id: value}) if given.
+def _draw_bars(ax, groups, values, text_of, tutorial=None, log=False, errors=None, missing_text=lambda step: "n/a"):
+    """Grouped bars at each step: one slot per group, and a last one for `tutorial` ({step id: value}) if given.
 
     `values` and `errors` hold a {step id: value} per group; `text_of(value, record)` labels a bar. Where a group
     has a record but no bar, its status (OOM, failed) or `missing_text(step id)` is written instead.
     """
-    slots = len(groups) + (seed is not None)
+    slots = len(groups) + (tutorial is not None)
     width = 0.8 / slots
     rotation = 90 if slots > 1 else 0
     heights_drawn = []
@@ -95,11 +95,11 @@ def _draw_bars(ax, groups, values, text_of, seed=None, log=False, errors=None, m
             if gap:
                 ax.text(x + offset, 0.03, gap[0], transform=ax.get_xaxis_transform(), rotation=90, ha="center",
                         va="bottom", fontsize=LABEL_SIZE + 1, fontweight="bold", color=gap[1])
-    if seed is not None:
+    if tutorial is not None:
         offset = (slots - 1) / 2 * width
-        steps = [(x, step.id) for x, step in enumerate(STEPS) if step.id in seed]
-        heights = [seed[step] for _, step in steps]
-        bars = ax.bar([x + offset for x, _ in steps], heights, width, label=SEED_LABEL, **SEED_STYLE)
+        steps = [(x, step.id) for x, step in enumerate(STEPS) if step.id in tutorial]
+        heights = [tutorial[step] for _, step in steps]
+        bars = ax.bar([x + offset for x, _ in steps], heights, width, label=TUTORIAL_LABEL, **TUTORIAL_STYLE)
         ax.bar_label(bars, [text_of(h, None) for h in heights], padding=3, fontsize=LABEL_SIZE, rotation=rotation)
         heights_drawn += heights
     _leave_room_for_labels(ax, heights_drawn, log, rotated=rotation != 0)
@@ -131,8 +131,8 @@ def _say_empty(ax, text):
     ax.set_yticks([])
 
 
-def _seed_seconds():
-    return {step.id: step.a100_seed_s for step in STEPS if step.a100_seed_s is not None}
+def _tutorial_seconds():
+    return {step.id: step.tutorial_a100_s for step in STEPS if step.tutorial_a100_s is not None}
 
 
 def _latency_label(record):
@@ -151,8 +151,8 @@ def _latency_panel(ax, groups):
     medians = [_values(g, lambda r: r["median_s"]) for g in groups]
     # The tutorial's seconds are for its workload only: beside a tiny model on a CPU they would mislead.
     like_tutorial = any(_workload(r) == TUTORIAL_WORKLOAD for g in groups for r in g.values())
-    seed = _seed_seconds() if like_tutorial else None
-    seconds = [s for m in medians for s in m.values()] + list((seed or {}).values())
+    tutorial = _tutorial_seconds() if like_tutorial else None
+    seconds = [s for m in medians for s in m.values()] + list((tutorial or {}).values())
     # One slow group (a CPU, a small GPU) would flatten the other groups' bars on a linear axis.
     log = max(seconds) / min(seconds) > 20
     if log:
@@ -161,7 +161,7 @@ def _latency_panel(ax, groups):
         title += f"; the tutorial's A100 ran {TUTORIAL_WORKLOAD}, so it is only in the speedups"
     _step_axis(ax, title + " (lower is better)", "seconds")
     _draw_bars(
-        ax, groups, medians, lambda s, r: _latency_label(r) if r else f"{_seconds(s)} s", seed=seed, log=log,
+        ax, groups, medians, lambda s, r: _latency_label(r) if r else f"{_seconds(s)} s", tutorial=tutorial, log=log,
         errors=[_values(g, lambda r: (r.get("iqr_s") or 0) / 2) for g in groups],
     )
 
@@ -176,9 +176,9 @@ def _speedups(by_step):
 
 def _speedup_panel(ax, groups):
     _step_axis(ax, "Speedup over step 01 on the same device and model (higher is better)", "x faster")
-    seed_s = _seed_seconds()
-    seed = {step: seed_s["01"] / seconds for step, seconds in seed_s.items()}
-    _draw_bars(ax, groups, [_speedups(g) for g in groups], lambda x, r: f"{x:.2f}x", seed=seed)
+    tutorial_s = _tutorial_seconds()
+    tutorial = {step: tutorial_s["01"] / seconds for step, seconds in tutorial_s.items()}
+    _draw_bars(ax, groups, [_speedups(g) for g in groups], lambda x, r: f"{x:.2f}x", tutorial=tutorial)
     ax.axhline(1, color="black", linewidth=0.8)
 
 
@@ -227,7 +227,7 @@ def _legend(fig, groups):
         Patch(color=f"C{slot}", label=_group_label(g, with_workload=len(workloads) > 1))
         for slot, g in enumerate(groups)
     ]
-    handles.append(Patch(label=SEED_LABEL, **SEED_STYLE))
+    handles.append(Patch(label=TUTORIAL_LABEL, **TUTORIAL_STYLE))
     # The title heads the legend: constrained layout would lay a separate suptitle over an outside legend.
     fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 2), fontsize=9, frameon=False,
                title=title, title_fontproperties={"size": 14, "weight": "bold"})

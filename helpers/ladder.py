@@ -5,11 +5,13 @@ runs each notebook's pipeline cells and checks that they leave the pipeline in t
 `build(through=N)`, so the notebooks and these functions can't drift apart.
 """
 
+import dataclasses
+
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .models import load_pipeline, low_precision_dtype
-from .steps import STEP_IDS, StepUnavailable, get_step
+from .steps import StepUnavailable, get_step
 
 
 def use_plain_attention(pipe):
@@ -192,27 +194,37 @@ def compile_regions(pipe, mode="max-autotune", dynamic=False):
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=dynamic)
 
 
-def build(model="auto", through="03", compile=True, compile_mode="max-autotune", device=None, verbose=True):
-    """A pipeline with steps 01..`through` applied; `compile=False` leaves out compilation (steps 04 and 07).
+def build_pipeline(model, settings, compile_mode="max-autotune", device=None, verbose=True):
+    """The one builder: a pipeline with exactly `settings` (a Settings row), each in the ladder's order.
 
-    Notebooks 05 to 07 ask for the steps before theirs uncompiled, make their change, and compile last:
-    compilation must see the final modules.
+    Compilation comes last: it must see the final modules.
     """
-    last = STEP_IDS.index(get_step(through).id)
-    done = set(STEP_IDS[: last + 1])
-    dtype = torch.float32 if done == {"01"} else low_precision_dtype(device, verbose=verbose)
+    dtype = low_precision_dtype(device, verbose=verbose) if settings.low_precision else torch.float32
     pipe = load_pipeline(model, dtype=dtype, device=device, verbose=verbose)
-    if "03" not in done:
+    if settings.sdpa:
+        use_sdpa(pipe)
+    else:
         use_plain_attention(pipe)
-    if "05" in done:
+    if settings.fused_qkv:
         fuse_qkv(pipe)
-    if "06" in done:
+    if settings.int8:
         quantize_int8(pipe)
-    if compile and "07" in done:
-        compile_regions(pipe, mode=compile_mode)
-    elif compile and "04" in done:
+    if settings.compile == "full":
         compile_pipeline(pipe, mode=compile_mode)
+    elif settings.compile == "regional":
+        compile_regions(pipe, mode=compile_mode)
     return pipe
+
+
+def build(model="auto", through="03", compile=True, compile_mode="max-autotune", device=None, verbose=True):
+    """The pipeline of step `through`; `compile=False` leaves out its compilation.
+
+    Notebooks 05 to 07 ask for the step before theirs uncompiled, make their change, and compile last.
+    """
+    settings = get_step(through).settings
+    if not compile:
+        settings = dataclasses.replace(settings, compile="off")
+    return build_pipeline(model, settings, compile_mode=compile_mode, device=device, verbose=verbose)
 
 
 def quantized_layers(module):

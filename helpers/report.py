@@ -62,8 +62,8 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
         rate = record["tflops_per_s"]
         rate = f"{rate:.1f} TFLOP/s" if rate >= 0.1 else f"{rate * 1e3:.2f} GFLOP/s"
         print(f"   {rate} of matmul, convolution and attention{peak}")
-    if step.a100_seed_s is not None:
-        print(f"   the tutorial's A100 (1024x1024, 30 steps): {step.a100_seed_s:.2f} s")
+    if step.tutorial_a100_s is not None:
+        print(f"   the tutorial's A100 (1024x1024, 30 steps): {step.tutorial_a100_s:.2f} s")
     if step.id != "01":
         print(f"   image: {describe_quality(scores)}")
     return record

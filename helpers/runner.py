@@ -16,7 +16,7 @@ from .results import append_record, make_record
 from .steps import STEPS, get_step
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-OUT_OF_MEMORY = ("OutOfMemoryError", "OutOfMemory")
+OUT_OF_MEMORY_ERRORS = ("OutOfMemoryError", "OutOfMemory")
 OOM_ADVICE = (
     "out of GPU memory: use a smaller --height/--width, free other GPU work, or use a GPU with more memory "
     "(SDXL's fp32 weights alone are 14 GB)"
@@ -30,6 +30,13 @@ class RunFailed(RuntimeError):
 def notebook_parameters(params):
     """Params as the notebooks' upper-case parameter names."""
     return {field.name.upper(): getattr(params, field.name) for field in fields(params)}
+
+
+def is_out_of_memory(error_name, message):
+    """True for an out-of-memory error, also when Inductor wraps one raised while it compiled or autotuned."""
+    if error_name in OUT_OF_MEMORY_ERRORS:
+        return True
+    return error_name == "InductorError" and "out of memory" in message.lower()
 
 
 def check_hub_model(model):
@@ -107,7 +114,7 @@ def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
             statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
             _relative_paths(out_dir / "notebooks" / step.notebook)
-            if error.ename in OUT_OF_MEMORY:
+            if is_out_of_memory(error.ename, error.evalue):
                 print(f"{step.id}: {OOM_ADVICE}; going on with the next notebook.")
                 append_record(out_dir, _failure_record(step, params, "out_of_memory", OOM_ADVICE))
                 statuses.append((step.id, "out_of_memory"))
@@ -141,7 +148,7 @@ def _failure_record(step, params, status, note):
 
     from .models import low_precision_dtype
 
-    dtype = torch.float32 if step.id == "01" else low_precision_dtype(verbose=False)
+    dtype = low_precision_dtype(verbose=False) if step.settings.low_precision else torch.float32
     return make_record(step.id, None, params, dtype=dtype, status=status, note=note)
 
 

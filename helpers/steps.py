@@ -1,6 +1,9 @@
-"""The seven steps of the course, in the one order that the notebooks, the runner and the chart share."""
+"""The seven steps of the course: one table, in the one order that the notebooks, the builder, the flags panel,
+the runner and the chart share."""
 
 from dataclasses import dataclass
+
+COMPILE_KINDS = ("off", "full", "regional")
 
 
 class StepUnavailable(RuntimeError):
@@ -8,23 +11,50 @@ class StepUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Settings:
+    """What a pipeline is built with: a row of the ladder, or what the flags panel ticks."""
+
+    low_precision: bool  # bfloat16 (float16 on GPUs without it) instead of float32
+    sdpa: bool  # scaled_dot_product_attention instead of matmul + softmax + matmul
+    fused_qkv: bool  # one projection for q, k and v
+    int8: bool  # torchao's dynamic int8 quantization of the UNet's wide linear layers
+    compile: str  # "off", "full" (the UNet and the VAE decoder whole) or "regional" (the repeated blocks)
+
+    def __post_init__(self):
+        if self.compile not in COMPILE_KINDS:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_KINDS)}, got {self.compile!r}.")
+        if self.fused_qkv and not self.sdpa:
+            raise ValueError("fused QKV runs through SDPA (diffusers' FusedAttnProcessor2_0): switch SDPA on to fuse.")
+
+    def sentence(self):
+        """'bfloat16, SDPA, fused QKV, compiled full': the settings in a few words (`dtype` named by the caller)."""
+        parts = ["SDPA" if self.sdpa else "plain attention"]
+        parts += [name for name, on in (("fused QKV", self.fused_qkv), ("int8", self.int8)) if on]
+        if self.compile != "off":
+            parts.append(f"compiled {self.compile}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class Step:
     id: str
     title: str
     notebook: str
-    # Seconds for one 1024x1024, 30-step image on an 80 GB A100, from the PyTorch 2 SDXL tutorial
-    # this course started from; None where the tutorial has no such step.
-    a100_seed_s: float | None
+    # Seconds for one 1024x1024, 30-step image on an 80 GB A100 in the PyTorch 2 SDXL tutorial this course started
+    # from; None where the tutorial has no such step.
+    tutorial_a100_s: float | None
+    settings: Settings
 
 
 STEPS = (
-    Step("01", "fp32 baseline", "01_baseline.ipynb", 7.36),
-    Step("02", "bfloat16", "02_bfloat16.ipynb", 4.63),
-    Step("03", "SDPA", "03_sdpa.ipynb", 3.31),
-    Step("04", "torch.compile", "04_torch_compile.ipynb", 2.54),
-    Step("05", "fused QKV", "05_fused_qkv.ipynb", 2.52),
-    Step("06", "int8 dynamic", "06_int8_dynamic.ipynb", 2.43),
-    Step("07", "regional compile", "07_regional_compile.ipynb", None),
+    #    id    title               notebook                     A100 s            low    sdpa   fused  int8   compile
+    Step("01", "fp32 baseline",    "01_baseline.ipynb",         7.36, Settings(False, False, False, False, "off")),
+    Step("02", "bfloat16",         "02_bfloat16.ipynb",         4.63, Settings(True,  False, False, False, "off")),
+    Step("03", "SDPA",             "03_sdpa.ipynb",             3.31, Settings(True,  True,  False, False, "off")),
+    Step("04", "torch.compile",    "04_torch_compile.ipynb",    2.54, Settings(True,  True,  False, False, "full")),
+    Step("05", "fused QKV",        "05_fused_qkv.ipynb",        2.52, Settings(True,  True,  True,  False, "full")),
+    Step("06", "int8 dynamic",     "06_int8_dynamic.ipynb",     2.43, Settings(True,  True,  True,  True,  "full")),
+    Step("07", "regional compile", "07_regional_compile.ipynb", None, Settings(True,  True,  True,  True,  "regional")),
 )
 STEP_IDS = tuple(step.id for step in STEPS)
 
@@ -39,9 +69,3 @@ def get_step(key):
             return step
     known = ", ".join(f"{s.id} ({s.title})" for s in STEPS)
     raise ValueError(f"Unknown step {key!r}: choose one of {known}.")
-
-
-def steps_through(step_id):
-    """The steps from the first up to and including `step_id`."""
-    last = STEP_IDS.index(get_step(step_id).id)
-    return STEPS[: last + 1]

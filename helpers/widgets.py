@@ -18,24 +18,16 @@ import ipywidgets as widgets
 import torch
 
 from .images import describe_quality, generate, image_size, quality, side_by_side
-from .ladder import (
-    build,
-    compile_pipeline,
-    compile_regions,
-    fuse_qkv,
-    quantize_int8,
-    use_plain_attention,
-    use_sdpa,
-)
+from .ladder import build, build_pipeline, require_torchao
 from .memory import free_memory
-from .models import ModelUnavailable, load_pipeline, low_precision_dtype, native_size
+from .models import ModelUnavailable, low_precision_dtype, native_size
 from .params import COMPILE_MODES
 from .report import baseline_image
 from .results import device_name
-from .steps import get_step
+from .steps import Settings, StepUnavailable, get_step
 from .timing import benchmark
 
-OUT_OF_MEMORY = "out of GPU memory: try a smaller size or fewer steps"
+OUT_OF_MEMORY_MESSAGE = "out of GPU memory: try a smaller size or fewer steps"
 COMPILE_CHOICES = (("off", "off"), ("whole UNet + VAE decoder (step 04)", "full"), ("regional (step 07)", "regional"))
 
 
@@ -192,7 +184,7 @@ class Playground:
             # Freed here, outside the except block, once the traceback no longer holds the activations.
             free_memory()
             self.status.value = ""
-            self.message.value = red(OUT_OF_MEMORY)
+            self.message.value = red(OUT_OF_MEMORY_MESSAGE)
             return
         self.last_measurement, self.last_image = measurement, measurement.output
         shown, self.baseline_note.value = comparison(measurement.output, params, self.label)
@@ -210,46 +202,13 @@ def playground(pipe, params, step=None, label=None, warmup=0, runs=3):
     return Playground(pipe, params, label=label, warmup=warmup, runs=runs, step=step and get_step(step).id)
 
 
-def build_with_flags(
-    model, dtype, sdpa=True, fused_qkv=False, int8=False, compile="off", compile_mode="max-autotune", device=None
-):
-    """A pipeline with exactly these optimizations, in the ladder's order: compilation last, on the final modules."""
-    if fused_qkv and not sdpa:
-        raise ValueError("fused QKV runs through SDPA (diffusers' FusedAttnProcessor2_0): switch SDPA on to fuse.")
-    if compile not in ("off", "full", "regional"):
-        raise ValueError(f"compile must be 'off', 'full' or 'regional', got {compile!r}.")
-    pipe = load_pipeline(model, dtype=dtype, device=device)
-    if sdpa:
-        use_sdpa(pipe)
-    else:
-        use_plain_attention(pipe)
-    if fused_qkv:
-        fuse_qkv(pipe)
-    if int8:
-        quantize_int8(pipe)
-    if compile == "full":
-        compile_pipeline(pipe, mode=compile_mode)
-    elif compile == "regional":
-        compile_regions(pipe, mode=compile_mode)
-    return pipe
-
-
-def int8_unavailable():
-    """None where torchao's int8 quantization imports, else one sentence saying why it can't be used."""
+def torchao_problem():
+    """None where step 06's int8 can run, else the one sentence that says why not."""
     try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
-    except Exception as error:  # a torchao built for another torch can fail on import with any error
-        return f"int8 needs torchao, which failed to import here ({type(error).__name__}: {str(error)[:120]})."
+        require_torchao()
+    except StepUnavailable as error:
+        return str(error)
     return None
-
-
-def describe_flags(flags):
-    dtype = str(flags["dtype"]).removeprefix("torch.")
-    parts = [dtype, "SDPA" if flags["sdpa"] else "plain attention"]
-    parts += [name for name, on in (("fused QKV", flags["fused_qkv"]), ("int8", flags["int8"])) if on]
-    if flags["compile"] != "off":
-        parts.append(f"compiled {flags['compile']} ({flags['compile_mode']})")
-    return ", ".join(parts)
 
 
 def results_table(rows):
@@ -272,15 +231,13 @@ class FlagsPanel:
 
     def __init__(self, params, device=None):
         self.params, self.device = params, device
-        low = low_precision_dtype(device, verbose=False)
-        self.dtype = widgets.Dropdown(
-            options=[("float32", torch.float32), (f"{str(low).removeprefix('torch.')} (low precision)", low)],
-            value=low, description="dtype",
-        )
+        low = str(low_precision_dtype(device, verbose=False)).removeprefix("torch.")
+        self.dtype = widgets.Dropdown(options=[("float32", False), (f"{low} (low precision)", True)], value=True,
+                                      description="dtype")
         self.sdpa = widgets.Checkbox(value=True, description="SDPA attention")
         self.fused_qkv = widgets.Checkbox(value=False, description="fused QKV")
         self.int8 = widgets.Checkbox(value=False, description="int8 dynamic")
-        self.int8_note = widgets.Label(int8_unavailable() or "")
+        self.int8_note = widgets.Label(torchao_problem() or "")
         self.int8.disabled = bool(self.int8_note.value)
         self.compile = widgets.Dropdown(options=COMPILE_CHOICES, value="off", description="compile")
         self.compile_mode = widgets.Dropdown(options=COMPILE_MODES, value=params.compile_mode, description="mode",
@@ -330,15 +287,15 @@ class FlagsPanel:
         with self.output:
             self.rebuild()
 
-    def flags(self):
-        return {
-            "dtype": self.dtype.value,
-            "sdpa": self.sdpa.value,
-            "fused_qkv": self.fused_qkv.value,
-            "int8": self.int8.value,
-            "compile": self.compile.value,
-            "compile_mode": self.compile_mode.value,
-        }
+    def settings(self):
+        """The toggles as a Settings row, the same kind of row as each step's in `helpers.STEPS`."""
+        return Settings(low_precision=self.dtype.value, sdpa=self.sdpa.value, fused_qkv=self.fused_qkv.value,
+                        int8=self.int8.value, compile=self.compile.value)
+
+    def configuration(self, settings):
+        dtype = low_precision_dtype(self.device, verbose=False) if settings.low_precision else torch.float32
+        text = f"{str(dtype).removeprefix('torch.')}, {settings.sentence()}"
+        return text + (f" ({self.compile_mode.value})" if settings.compile != "off" else "")
 
     def release_pipeline(self):
         """Drop the previous pipeline and free its memory before the next one loads, so both never coexist.
@@ -350,19 +307,20 @@ class FlagsPanel:
 
     def rebuild(self):
         """What the button does: free the old pipeline, build one with the toggles' flags, time it, add a row."""
-        flags = self.flags()
-        configuration = describe_flags(flags)
         self.message.value = ""
         self.button.disabled = True
         self.release_pipeline()
         failure = None
         try:
+            settings = self.settings()
+            configuration = self.configuration(settings)
             self.status.value = f"building: {configuration}"
-            self.pipe = build_with_flags(self.params.model, device=self.device, **flags)
+            self.pipe = build_pipeline(self.params.model, settings, compile_mode=self.compile_mode.value,
+                                       device=self.device)
             measurement = time_images(self.pipe, self.params, self.params.warmup, self.params.runs, self.status)
         except torch.cuda.OutOfMemoryError:
-            failure = OUT_OF_MEMORY
-        except (ModelUnavailable, ValueError) as error:
+            failure = OUT_OF_MEMORY_MESSAGE
+        except (ModelUnavailable, StepUnavailable, ValueError) as error:
             failure = str(error)
         finally:
             self.button.disabled = False
@@ -373,7 +331,7 @@ class FlagsPanel:
             self.message.value = red(failure)
             return
         self.last_measurement, self.last_image = measurement, measurement.output
-        self.rows.append({**flags, "configuration": configuration, "median_s": measurement.median_s,
+        self.rows.append({"settings": settings, "configuration": configuration, "median_s": measurement.median_s,
                           "iqr_s": measurement.iqr_s, "first_call_s": measurement.first_call_s})
         shown, self.baseline_note.value = comparison(measurement.output, self.params, f"#{len(self.rows)}")
         show_image(self.image, shown)

@@ -6,7 +6,7 @@ import statistics
 import pytest
 from matplotlib.image import imread
 
-from helpers.chart import CHART_FILE, SEED_LABEL, chart_from_dir, draw_chart
+from helpers.chart import CHART_FILE, TUTORIAL_LABEL, chart_from_dir, draw_chart
 from helpers.results import append_record
 from helpers.steps import STEPS
 
@@ -127,16 +127,16 @@ def test_out_of_memory_step_is_a_labelled_gap(chart):
 
 def test_seed_a100_bars_carry_the_tutorial_numbers(chart):
     fig, _ = chart
-    bars = bars_named(axes_titled(fig, "Latency"), SEED_LABEL)
-    seeds = [step.a100_seed_s for step in STEPS if step.a100_seed_s is not None]
+    bars = bars_named(axes_titled(fig, "Latency"), TUTORIAL_LABEL)
+    seeds = [step.tutorial_a100_s for step in STEPS if step.tutorial_a100_s is not None]
     assert [bar.get_height() for bar in bars] == pytest.approx(seeds)
     assert all(bar.get_hatch() for bar in bars)
 
 
 def test_seed_a100_latency_is_left_out_where_no_group_ran_the_tutorials_workload():
     fig = draw_chart([r for r in workshop_records() if r["device"] == CPU])
-    assert not [c for c in axes_titled(fig, "Latency").containers if c.get_label() == SEED_LABEL]
-    assert len(bars_named(axes_titled(fig, "Speedup"), SEED_LABEL)) == 6
+    assert not [c for c in axes_titled(fig, "Latency").containers if c.get_label() == TUTORIAL_LABEL]
+    assert len(bars_named(axes_titled(fig, "Speedup"), TUTORIAL_LABEL)) == 6
 
 
 def test_speedup_is_against_step_01_of_the_same_device(chart):
@@ -151,7 +151,7 @@ def test_legend_names_each_device_with_model_and_dtype(chart):
     texts = [text.get_text() for text in legend.get_texts()]
     assert any(t.startswith(H100) and "stable-diffusion-xl" in t and "float32/bfloat16" in t for t in texts)
     assert any(t.startswith(CPU) and "tiny" in t and "128x128, 4 steps" in t for t in texts)
-    assert SEED_LABEL in texts
+    assert TUTORIAL_LABEL in texts
 
 
 def title(fig):

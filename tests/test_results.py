@@ -3,8 +3,9 @@ import multiprocessing
 
 import pytest
 
+from helpers.models import native_size, resolve_model
 from helpers.params import Params
-from helpers.results import RESULTS_FILE, append_record, latest_records, load_records, make_record
+from helpers.results import RESULTS_FILE, append_record, device_name, latest_records, load_records, make_record
 from helpers.timing import Measurement
 
 
@@ -17,12 +18,13 @@ def test_record_carries_numbers_device_versions_and_what_ran(tmp_path):
     record = measured("04", tmp_path, median=2.0)
     assert record["median_s"] == 2.0 and record["samples_s"] == [1.8, 2.0, 2.2] and record["first_call_s"] == 6.0
     assert record["iqr_s"] == pytest.approx(0.2)
-    assert record["device"].startswith("CPU") and record["versions"]["torch"] and record["versions"]["diffusers"]
+    assert record["device"] == device_name() and record["versions"]["torch"] and record["versions"]["diffusers"]
     assert record["precision"]["float32_matmul_precision"] in ("highest", "high", "medium")
     # The model and size that actually ran, not only the parameters as given.
     assert (record["model"], record["height"], record["width"]) == ("tiny", 128, 128)
-    auto = make_record("01", None, Params(model="auto", height=64, width=96), dtype="float32", status="skipped")
-    assert (auto["model"], auto["height"], auto["width"]) == ("tiny", 64, 96)
+    auto = make_record("01", None, Params(model="auto", width=96), dtype="float32", status="skipped")
+    chosen = resolve_model("auto", verbose=False)  # tiny here, the real SDXL on a GPU
+    assert (auto["model"], auto["height"], auto["width"]) == (chosen, native_size(chosen), 96)
 
 
 def test_append_keeps_every_record(tmp_path):

@@ -15,7 +15,7 @@ import helpers
 from helpers.images import side_by_side
 from helpers.params import Params
 from helpers.report import record_step
-from helpers.widgets import OUT_OF_MEMORY, build_with_flags, flags_panel, playground
+from helpers.widgets import OUT_OF_MEMORY_MESSAGE, flags_panel, playground
 
 LATENCY = re.compile(r"\d+\.\d+ s median, IQR \d+\.\d+ s, 1 runs, on .+; first call \d+\.\d+ s")
 
@@ -93,14 +93,14 @@ def test_out_of_memory_says_what_to_do(pipe, params, monkeypatch):
     panel = playground(pipe, params)
     panel.button.click()
 
-    assert OUT_OF_MEMORY in panel.message.value
+    assert OUT_OF_MEMORY_MESSAGE in panel.message.value
     assert panel.last_image is None
     assert not panel.button.disabled
 
 
 def test_rebuild_adds_a_row_and_releases_the_previous_pipeline(params):
     panel = flags_panel(params)
-    panel.dtype.value = torch.float32
+    panel.dtype.value = False  # float32
     panel.sdpa.value = False
     assert panel.fused_qkv.disabled  # fused QKV runs through SDPA
     panel.button.click()
@@ -111,7 +111,7 @@ def test_rebuild_adds_a_row_and_releases_the_previous_pipeline(params):
     assert shown_image(panel).size == side_by_side(panel.last_image, None, "#1").size
     previous = weakref.ref(panel.pipe)
 
-    panel.dtype.value = helpers.low_precision_dtype(verbose=False)
+    panel.dtype.value = True  # low precision
     panel.sdpa.value = True
     panel.fused_qkv.value = True
     panel.button.click()
@@ -120,25 +120,31 @@ def test_rebuild_adds_a_row_and_releases_the_previous_pipeline(params):
     state = helpers.describe(panel.pipe)
     assert state["dtypes"]["unet"] == str(helpers.low_precision_dtype(verbose=False))
     assert state["fused_qkv"] and not state["compiled"]
-    assert [row["configuration"] for row in panel.rows] == ["float32, plain attention", "bfloat16, SDPA, fused QKV"]
+    low = str(helpers.low_precision_dtype(verbose=False)).removeprefix("torch.")
+    assert [row["configuration"] for row in panel.rows] == ["float32, plain attention", f"{low}, SDPA, fused QKV"]
     assert panel.table.value.count("<tr>") == 3  # the header and one row per rebuild
     assert "float32, plain attention" in panel.table.value and "1.00x" in panel.table.value
 
 
-def test_build_with_flags_matches_the_ladder(params):
-    low = helpers.low_precision_dtype(verbose=False)
-    ours = build_with_flags("tiny", low, sdpa=True, fused_qkv=True)
-    ladder = helpers.build("tiny", through="05", compile=False, verbose=False)
-    assert helpers.describe(ours) == helpers.describe(ladder)
+@pytest.mark.parametrize("step", helpers.STEPS, ids=lambda s: s.id)
+def test_the_panel_ticked_like_a_step_asks_for_that_steps_row(params, step):
+    panel = flags_panel(params)
+    row = step.settings
+    panel.dtype.value, panel.sdpa.value, panel.fused_qkv.value = row.low_precision, row.sdpa, row.fused_qkv
+    panel.int8.value, panel.compile.value = row.int8, row.compile
+    assert panel.settings() == row
+
+
+def test_fused_qkv_without_sdpa_is_one_sentence(params):
     with pytest.raises(ValueError, match="fused QKV runs through SDPA"):
-        build_with_flags("tiny", low, sdpa=False, fused_qkv=True)
+        helpers.steps.Settings(low_precision=True, sdpa=False, fused_qkv=True, int8=False, compile="off")
 
 
 def test_int8_is_disabled_with_a_reason_without_torchao(params, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # makes the import fail
     panel = flags_panel(params)
     assert panel.int8.disabled
-    assert panel.int8_note.value.startswith("int8 needs torchao")
+    assert panel.int8_note.value.startswith("torchao is missing") and "pip install torchao" in panel.int8_note.value
 
 
 def test_compile_mode_is_offered_only_when_compiling(params):
