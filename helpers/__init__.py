@@ -24,7 +24,17 @@ from .ladder import (
     weights_gb,
 )
 from .memory import free_memory, live_pipelines, release
-from .models import ModelUnavailable, check_model, load_pipeline, low_precision_dtype, native_size, resolve_model
+from .models import (
+    GpuMemoryBusy,
+    ModelUnavailable,
+    check_model,
+    download,
+    gpu_memory_held_by_others,
+    load_pipeline,
+    low_precision_dtype,
+    native_size,
+    resolve_model,
+)
 from .params import Params
 from .probe import attention_kernels
 from .report import baseline_image, comparable_record, record_step

@@ -2,10 +2,31 @@
 
 import argparse
 import sys
+import typing
+from dataclasses import fields
 
 from .models import ModelUnavailable
-from .params import COMPILE_MODES, DEFAULT_PROMPT, Params
+from .params import COMPILE_MODES, Params
 from .runner import RunFailed, run_series, select_steps
+
+
+def _option_type(annotation):
+    """str, int or float: what an option of this field's type parses (`int | None` takes an int)."""
+    return next((t for t in typing.get_args(annotation) if t is not type(None)), annotation)
+
+
+def add_params_options(parser):
+    """One option per field of Params (`--negative-prompt` for `negative_prompt`), its default and help from there.
+    The output folder is `--out`."""
+    for field in fields(Params):
+        if field.name == "out_dir":
+            continue
+        default = field.default
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"), type=_option_type(field.type), default=default,
+            choices=COMPILE_MODES if field.name == "compile_mode" else None,
+            help=f"{field.metadata['help']} (default {default!r})",
+        )
 
 
 def parse_args(argv):
@@ -13,18 +34,8 @@ def parse_args(argv):
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="execute the notebooks in order and draw the chart")
-    run.add_argument("--model", default="auto", help="auto, tiny, sdxl-random, a hub id or a local folder")
     run.add_argument("--out", required=True, help="folder for executed notebooks, images, results.json, chart")
-    run.add_argument("--steps", type=int, default=30, help="denoising steps per image (default 30)")
-    run.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    run.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    run.add_argument("--prompt", default=DEFAULT_PROMPT)
-    run.add_argument("--negative-prompt", default="")
-    run.add_argument("--guidance", type=float, default=5.0)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (default 1)")
-    run.add_argument("--runs", type=int, default=5, help="timed calls per step (default 5)")
-    run.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES)
+    add_params_options(run)
     run.add_argument("--only", default=None, help="steps to run, e.g. 01,03 or 04-07 (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument(
@@ -45,11 +56,7 @@ def main(argv=None):
 
             print(f"Chart: {chart_from_dir(args.out)}")
             return 0
-        params = Params(
-            model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-            height=args.height, width=args.width, guidance=args.guidance, seed=args.seed,
-            warmup=args.warmup, runs=args.runs, out_dir=args.out, compile_mode=args.compile_mode,
-        )
+        params = Params(**{f.name: getattr(args, f.name, None) for f in fields(Params)} | {"out_dir": args.out})
         select_steps(args.only)
         run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache)
     except (ValueError, ModelUnavailable, FileNotFoundError) as error:

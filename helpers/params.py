@@ -1,26 +1,34 @@
-"""The parameters every notebook and the runner share, checked before any model loads."""
+"""The parameters every notebook and the runner share, checked before any model loads.
 
-from dataclasses import asdict, dataclass
+`Params` is their one source: its fields and defaults are the notebooks' parameters cell (a test holds them equal),
+the runner's command-line options (made from the fields and their help) and what the notebooks record.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_SIDE = 4096
 
 
+def _option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Params:
-    model: str = "auto"
-    prompt: str = DEFAULT_PROMPT
-    negative_prompt: str = ""
-    steps: int = 30
-    height: int | None = None  # None: the model's native size (1024 for SDXL, 128 for the tiny model)
-    width: int | None = None
-    guidance: float = 5.0
-    seed: int = 0
-    warmup: int = 1
-    runs: int = 5
-    out_dir: str = "../outputs"
-    compile_mode: str = "max-autotune"
+    model: str = _option("auto", "auto, tiny, sdxl-random, a hub id or a local folder")
+    prompt: str = _option(DEFAULT_PROMPT, "what the image shows")
+    negative_prompt: str = _option("", "what it should not show")
+    steps: int = _option(30, "denoising steps per image")
+    height: int | None = _option(None, "pixels; None: the model's native size (1024 for SDXL, 128 for tiny)")
+    width: int | None = _option(None, "pixels; None: the model's native size")
+    guidance: float = _option(5.0, "classifier-free guidance scale")
+    seed: int = _option(0, "random seed of the starting noise")
+    warmup: int = _option(1, "untimed calls after the first one")
+    runs: int = _option(5, "timed calls")
+    out_dir: str = _option("../outputs", "folder for images and results.json")
+    compile_mode: str = _option("max-autotune", "torch.compile mode of the compiled steps")
 
     def __post_init__(self):
         for message in problems(self):
@@ -28,6 +36,16 @@ class Params:
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_cell(cls, namespace):
+        """Params from a notebook's parameters cell: the upper-case name of each field (`STEPS` for `steps`)."""
+        return cls(**{f.name: namespace[f.name.upper()] for f in fields(cls) if f.name.upper() in namespace})
+
+
+def cell_names(params=None):
+    """{NAME: value} as a notebook's parameters cell writes them (the defaults, without `params`)."""
+    return {name.upper(): value for name, value in (params or Params()).to_dict().items()}
 
 
 def _is_int(value):

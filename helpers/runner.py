@@ -7,11 +7,10 @@ kernels run inside that folder with OUT_DIR=".", so nothing written there holds 
 
 import os
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 
 from .models import ModelUnavailable, check_model
-from .params import Params
+from .params import Params, cell_names
 from .results import append_record, make_record
 from .steps import STEPS, get_step
 
@@ -25,11 +24,6 @@ OOM_ADVICE = (
 
 class RunFailed(RuntimeError):
     """A notebook failed; the message names the notebook, the cell and the error."""
-
-
-def notebook_parameters(params):
-    """Params as the notebooks' upper-case parameter names."""
-    return {field.name.upper(): getattr(params, field.name) for field in fields(params)}
 
 
 def is_out_of_memory(error_name, message):
@@ -105,7 +99,7 @@ def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
                 papermill.execute_notebook(
                     NOTEBOOKS_DIR / step.notebook,
                     out_dir / "notebooks" / step.notebook,
-                    parameters=notebook_parameters(params),
+                    parameters=cell_names(params),
                     cwd=out_dir,
                     progress_bar=progress,
                     kernel_name="python3",

@@ -1,10 +1,12 @@
 """Bad input is refused in one sentence, before any model loads."""
 
 import pytest
+from conftest import notebook_cells
 
 import helpers.__main__ as cli
 import helpers.models
-from helpers.params import Params
+from helpers.params import Params, cell_names
+from helpers.steps import STEPS
 
 
 @pytest.mark.parametrize(
@@ -63,3 +65,15 @@ def test_folder_that_is_not_sdxl_is_named_with_the_offline_choices(tmp_path, cap
 def test_chart_of_an_empty_folder_says_what_to_do(tmp_path, capsys):
     assert cli.main(["chart", str(tmp_path)]) == 2
     assert "run notebook 01" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: s.notebook)
+def test_each_notebooks_parameters_cell_holds_the_defaults_of_params(step):
+    (cell,) = notebook_cells(step.notebook, "parameters")
+    written = {}
+    exec(cell, {}, written)
+    expected = cell_names()
+    for name in expected.keys() | written.keys():
+        assert written.get(name) == expected.get(name), (
+            f"{step.notebook}'s parameters cell has {name} = {written.get(name)!r}; Params says {expected.get(name)!r}"
+        )
