@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .models import ModelUnavailable, check_model
+from .models import check_model, download, resolve_model
 from .params import Params, cell_names
 from .results import append_record, make_record
 from .steps import STEPS, get_step
@@ -31,22 +31,6 @@ def is_out_of_memory(error_name, message):
     if error_name in OUT_OF_MEMORY_ERRORS:
         return True
     return error_name == "InductorError" and "out of memory" in message.lower()
-
-
-def check_hub_model(model):
-    """For a hub id, fetch only its model_index.json so an unreachable model fails before anything loads."""
-    if model in ("tiny", "sdxl-random") or Path(model).expanduser().is_dir():
-        return
-    from huggingface_hub import hf_hub_download
-
-    try:
-        hf_hub_download(model, "model_index.json")
-    except Exception as error:  # offline, unknown id, gated: all mean the same to the user
-        reason = type(error).__name__
-        raise ModelUnavailable(
-            f"Could not reach {model!r} on the hub ({reason}); run with --model tiny (any machine), "
-            "--model sdxl-random (full-size SDXL with random weights, for timing on a GPU) or a local diffusers folder."
-        ) from None
 
 
 def select_steps(only):
@@ -74,10 +58,13 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None):
 
     out_dir = Path(out_dir).resolve()
     steps = select_steps(only)
-    check_hub_model(check_model(params.model))
+    model = check_model(resolve_model(params.model))  # prints which model "auto" chose, and why
+    if params.model != "auto":
+        print(f"Model: {model}.")
+    download(model)  # once, with a progress bar, before notebook 01: every notebook then loads from disk
     (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
-    params = Params(**{**params.to_dict(), "out_dir": "."})
+    params = Params(**{**params.to_dict(), "model": model, "out_dir": "."})
     statuses = []
     with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
         caches = {step.id: Path(inductor_cache or Path(fresh) / step.id).resolve() for step in steps}

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import nbformat
 import pytest
 
@@ -36,3 +37,11 @@ def series(tmp_path_factory):
     (out.parent / "runner.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 as if set before the start (huggingface_hub reads it on import), over an empty cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))

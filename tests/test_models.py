@@ -2,7 +2,6 @@ import os
 import subprocess
 from types import SimpleNamespace
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -38,14 +37,6 @@ def fake_nvidia_smi(monkeypatch, names=(), apps=()):
         return subprocess.CompletedProcess(args, 0, stdout="".join(f"{line}\n" for line in lines))
 
     monkeypatch.setattr(models.subprocess, "run", run)
-
-
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    """HF_HUB_OFFLINE=1 as if set before the start (huggingface_hub reads it on import), over an empty cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
 
 
 def simulate_gpu(monkeypatch, free, total, reserved=0, name="NVIDIA L4", bf16=True):
