@@ -11,6 +11,12 @@ import helpers.runner as runner
 
 PARAMETERS = new_code_cell('MODEL = "tiny"\nOUT_DIR = "."', metadata={"tags": ["parameters"]})
 OUT_OF_MEMORY = 'raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")'
+# What torch.compile raises when the GPU runs out of memory while Inductor compiles or autotunes.
+OUT_OF_MEMORY_IN_INDUCTOR = """
+class InductorError(RuntimeError):
+    pass
+raise InductorError("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+"""
 RECORD_A_STEP = """
 import helpers
 from helpers.timing import Measurement
@@ -33,12 +39,14 @@ def test_out_of_memory_and_unavailable_steps_are_recorded_and_the_run_goes_on(tm
         "01_baseline.ipynb": ["import torch", OUT_OF_MEMORY],
         "02_bfloat16.ipynb": ["import helpers", 'raise helpers.StepUnavailable("torchao is missing.")'],
         "03_sdpa.ipynb": [RECORD_A_STEP],
+        "04_torch_compile.ipynb": [OUT_OF_MEMORY_IN_INDUCTOR],
     })
     monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
     out = tmp_path / "out"
-    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "01-03", "--no-progress"]) == 0
+    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "01-04", "--no-progress"]) == 0
     records = json.loads((out / "results.json").read_text())
-    assert [(r["step"], r["status"]) for r in records] == [("01", "out_of_memory"), ("02", "skipped"), ("03", "ok")]
+    statuses = [(r["step"], r["status"]) for r in records]
+    assert statuses == [("01", "out_of_memory"), ("02", "skipped"), ("03", "ok"), ("04", "out_of_memory")]
     assert "smaller --height/--width" in records[0]["note"] and records[0]["median_s"] is None
     assert "torchao is missing" in records[1]["note"]
     assert (out / "latency_per_step.png").stat().st_size > 10_000
