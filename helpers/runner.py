@@ -22,6 +22,21 @@ OOM_ADVICE = (
 )
 
 
+def _ipc_kernel_manager():
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IpcKernelManager(AsyncKernelManager):
+        """Kernels on local socket files rather than TCP ports: nothing reachable from the network (and so no
+        warning from each kernel about unencrypted TCP)."""
+
+        @default("transport")
+        def _transport_default(self):
+            return "ipc"
+
+    return IpcKernelManager
+
+
 class RunFailed(RuntimeError):
     """A notebook failed; the message names the notebook, the cell and the error."""
 
@@ -79,6 +94,7 @@ def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
     """Execute each notebook in its own kernel, with the Inductor cache folder `caches` gives its step."""
     import papermill
 
+    IpcKernelManager = _ipc_kernel_manager()
     for step in steps:
         print(f"== {step.id} {step.title} ({step.notebook})", flush=True)
         try:
@@ -90,6 +106,7 @@ def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
                     cwd=out_dir,
                     progress_bar=progress,
                     kernel_name="python3",
+                    kernel_manager_class=IpcKernelManager,
                 )
             _relative_paths(out_dir / "notebooks" / step.notebook)
             statuses.append((step.id, "ok"))
