@@ -5,12 +5,8 @@
 # Usage, from anywhere:
 #   bash scripts/gpu_reference.sh [--wheels DIR] [BUDGET_S, default 540] [more arguments for `python -m helpers run`]
 #   bash scripts/gpu_reference.sh --wheels wheels 540 --only 01-03
-# Without --wheels (or a WHEELS variable), the packages the GPU machine's python3 has are used. On a machine without
-# internet, bring the course's packages as wheels: on a connected machine with the same Python version and platform,
-#   pip download -d wheels diffusers transformers accelerate torchao safetensors matplotlib scikit-image tqdm \
-#     papermill ipykernel ipywidgets
-# then delete torch, triton and nvidia_* wheels from wheels/ to keep the GPU machine's own CUDA build of torch, and
-# copy the folder there. They are installed into a temporary folder put first on PYTHONPATH, nothing else changes.
+# Without --wheels (or a WHEELS variable), the packages the GPU machine's python3 has are used; scripts/wheels.sh
+# says how to make a folder of wheels for a machine without internet.
 # PROFILE_ARGS replaces the profiler's own arguments (default "--through 07"). OUT defaults to /tmp/gpu_reference_out.
 # The notebooks share one Inductor cache, which the profiler reuses: quicker, but the first calls of notebooks 05
 # to 07 then load kernels compiled by an earlier notebook, so their compile times are not cold ones.
@@ -37,24 +33,13 @@ trap 'rm -rf "$work"' EXIT
 cache=$work/inductor
 deadline=$((SECONDS + budget_s))
 left() { echo $((deadline - SECONDS)); }
-
-install_wheels() {
-  if [[ -z $wheels ]]; then
-    echo "== no wheel folder: using the packages python3 has"
-    return 0
-  fi
-  local found=("$wheels"/*.whl)
-  [[ -e ${found[0]} ]] || { echo "no .whl file in $wheels: make them with pip download (see the top of $0)"; return 1; }
-  echo "== installing ${#found[@]} wheels from $wheels"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
-    "${found[@]}" || { echo "could not install the wheels of $wheels"; return 1; }
-  export PYTHONPATH="$work/site:$PYTHONPATH"
-}
+# shellcheck source=scripts/wheels.sh
+source "$repo/scripts/wheels.sh"
 
 main() {
   cd "$repo" || return 1
   export PYTHONPATH="$repo" PYTHONUNBUFFERED=1
-  install_wheels || return 1
+  install_wheels "$wheels" "$work/site" || return 1
 
   echo "== environment -> env.txt"
   {
