@@ -1,8 +1,10 @@
 """Helpers for the SDXL speed course: models, the ladder of steps, timing, results, images and the chart.
 
-Importing this package changes no global torch setting.
+Importing this package changes no global torch setting. It silences the few library warnings that a user can do
+nothing about, each by its text (`helpers/quiet.py` lists them).
 """
 
+from . import quiet  # first: its filters must be in place before diffusers is imported
 from .chart import chart_from_dir, draw_chart
 from .images import generate, grid, image_size, quality, side_by_side
 from .ladder import (

@@ -45,3 +45,19 @@ def test_code_is_linted():
     ruff = Path(sys.executable).parent / "ruff"  # installed with the test extra, beside this python
     result = subprocess.run([ruff, "check", "helpers", "tests", "scripts"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_importing_helpers_is_quiet_but_only_about_known_warnings():
+    import subprocess
+    import sys
+
+    from helpers.quiet import SILENCED
+
+    probe = (
+        "import logging, helpers; "
+        "logging.getLogger('transformers.utils.import_utils').warning('a warning the user must see')"
+    )
+    err = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stderr
+    for _, text in SILENCED:
+        assert text not in err
+    assert "a warning the user must see" in err

@@ -1,0 +1,42 @@
+"""Library warnings that a user of the course can do nothing about, silenced one by one.
+
+Each entry names the logger that emits the warning and a piece of its text; a filter on that logger drops exactly
+those records, so every other warning of the same library still shows. Importing this module installs the
+filters; `helpers` imports it before anything imports diffusers.
+"""
+
+import logging
+
+import torch
+
+SILENCED = (
+    # SDXL's pipeline imports CLIP's image processor, which it never uses; transformers wants torchvision for it.
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back"),
+    # diffusers looks for torchao tensor classes that newer torchao versions moved; the course loads no torchao file.
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    # torchao registers its enums with torch's pytree the way older torch versions needed.
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+)
+# torchao's CUDA extensions can't load into a CPU-only torch, and nothing on a CPU calls them. With a CUDA torch the
+# same message means a torchao built for another torch, which the user must hear.
+if torch.version.cuda is None:
+    SILENCED += (("torchao", "Failed to load"),)
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
+def silence_known_warnings():
+    for logger_name, text in SILENCED:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropMatching) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMatching(text))
+
+
+silence_known_warnings()
