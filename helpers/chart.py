@@ -142,6 +142,8 @@ def _latency_label(record):
         text += f" ±{_seconds(record['iqr_s'] / 2)}"
     if record.get("peak_fraction"):
         text += f" · {100 * record['peak_fraction']:.0f}% peak"
+    if record.get("noisy"):
+        text += " · NOISY"  # the IQR is over 10% of the median: something else may have used the machine
     return text
 
 

@@ -125,7 +125,7 @@ def test_out_of_memory_step_is_a_labelled_gap(chart):
     assert len(bars_named(latency, CPU)) == len(CPU_MEDIANS)
 
 
-def test_seed_a100_bars_carry_the_tutorial_numbers(chart):
+def test_tutorial_a100_bars_carry_the_tutorial_numbers(chart):
     fig, _ = chart
     bars = bars_named(axes_titled(fig, "Latency"), TUTORIAL_LABEL)
     seeds = [step.tutorial_a100_s for step in STEPS if step.tutorial_a100_s is not None]
@@ -133,7 +133,7 @@ def test_seed_a100_bars_carry_the_tutorial_numbers(chart):
     assert all(bar.get_hatch() for bar in bars)
 
 
-def test_seed_a100_latency_is_left_out_where_no_group_ran_the_tutorials_workload():
+def test_tutorial_a100_latency_is_left_out_where_no_group_ran_the_tutorials_workload():
     fig = draw_chart([r for r in workshop_records() if r["device"] == CPU])
     assert not [c for c in axes_titled(fig, "Latency").containers if c.get_label() == TUTORIAL_LABEL]
     assert len(bars_named(axes_titled(fig, "Speedup"), TUTORIAL_LABEL)) == 6
@@ -190,3 +190,11 @@ def test_chart_from_dir_saves_beside_the_results(tmp_path):
     path = chart_from_dir(tmp_path)
     assert path == tmp_path / CHART_FILE
     assert imread(path).shape[0] > 800
+
+
+def test_a_noisy_step_is_marked_on_its_bar():
+    records = [record(step, H100, median) for step, median in H100_MEDIANS.items()]
+    records[4]["noisy"] = True  # step 05 measured while something else used the machine
+    latency = axes_titled(draw_chart(records), "Latency")
+    marked = [text.get_text() for text in latency.texts if "NOISY" in text.get_text()]
+    assert len(marked) == 1 and marked[0].startswith(f"{H100_MEDIANS['05']:.2f} s")
