@@ -1,6 +1,8 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -24,3 +26,22 @@ def test_profile_final_step_on_the_tiny_model(tmp_path):
     assert summary["flops"]["peak_fraction"] is None  # no matmul peak is known for a CPU
     assert "aten::" in (out / "top_kernels.txt").read_text()
     assert (out / "trace.json.gz").stat().st_size > 0
+
+
+def test_gpu_check_runs_end_to_end_in_its_cpu_form(tmp_path):
+    """The GPU check, without a GPU: the tiny model through every check that a CPU can run, in one table."""
+    out = tmp_path / "gpu-check"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = ["bash", "scripts/gpu_check.sh", str(out), "--no-pytest", "--notebooks", "01-03", "--budget-s", "1500"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = {row["check"]: row for row in json.loads((out / "checks.json").read_text())["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    notebooks = rows["seven notebooks headless"]["found"]
+    assert sorted(notebooks) == ["01", "02", "03"]  # on a GPU all seven; here the eager ones, to save CI time
+    assert all(step["status"] == "ok" and step["median_s"] > 0 for step in notebooks.values())
+    for mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+        assert rows[f"regional compile, {mode}"]["found"]["attention"]  # a backend was seen
+    assert rows["flags panel rebuild frees"]["found"]["previous_pipeline_freed"]
+    assert len(list(out.iterdir())) <= 8
+    assert "check" in (out / "check.txt").read_text()
