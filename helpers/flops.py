@@ -7,11 +7,16 @@ activations and softmax are left out (they are limited by memory bandwidth, not 
 On meta, SDPA runs its math path (two bmm); the counter's rules for the flash, memory-efficient and cuDNN
 kernels that a GPU runs give exactly the same count.
 
-SDXL at 1024x1024, 30 steps with classifier-free guidance: UNet 13.52 TFLOP per call (batch 2) x 30 = 405.7,
-VAE decode 10.47, text encoders 0.11, total 416.3 TFLOP. FACTS.md's "about 416 TFLOP" is the UNet and the VAE
-(416.1); the text encoders add 0.03 %.
+`python -c "from helpers.flops import image_flops; print(image_flops())"` counts SDXL at 1024x1024, 30 steps
+with classifier-free guidance: UNet 13.52 TFLOP per call (batch 2) x 30 = 405.7, VAE decode 10.47, text
+encoders 0.11, total 416.3 TFLOP; the text encoders are 0.03 % of it.
+`python -c "from helpers.flops import repeated_block_share; print(repeated_block_share())"` splits one UNet call
+at 1024x1024: 74.9 % of its FLOPs run inside the 70 BasicTransformerBlocks that regional compilation compiles,
+0.27 % in the three 1x1 `conv_shortcut` convolutions of the widest level (2560 or 1920 channels in, 1280 out).
 """
 
+import re
+import statistics
 from functools import lru_cache
 
 import torch
@@ -21,15 +26,46 @@ from . import offline
 from .models import SDXL_HUB_ID, resolve_model
 
 META = torch.device("meta")
-# bf16 8192^3 matmul measured on this project's H100 (FACTS.md); the datasheet's dense bf16 figure is 989.
-H100_BF16_MATMUL_TFLOPS = 798.0
-# Measured bf16 matmul peaks by GPU name; the H200 is the same chip with faster memory (about 790 seen here).
-MATMUL_PEAK_TFLOPS = {"H100": H100_BF16_MATMUL_TFLOPS, "H200": 790.0}
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendor's datasheets, by a pattern of
+# `torch.cuda.get_device_name()`; the first match wins, so NVL and PCIe come before the bare name.
+DATASHEET_PEAKS = (
+    (r"\bH100 NVL\b", 835, "bf16"),
+    (r"\bH100 PCIe\b", 756, "bf16"),
+    (r"\bH100\b", 989, "bf16"),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    (r"\bH200 NVL\b", 835, "bf16"),
+    (r"\bH200\b", 989, "bf16"),
+    (r"\bA100\b", 312, "bf16"),  # SXM4 and PCIe alike
+    (r"\bL4\b", 121, "bf16"),
+    (r"\bT4\b", 65, "fp16"),  # Turing has no bf16
+)
 
 
-def measured_peak_tflops(device_name):
-    """The measured bf16 matmul peak of the GPU named `device_name`, or None where none was measured."""
-    return next((peak for key, peak in MATMUL_PEAK_TFLOPS.items() if key in device_name), None)
+def peak_tflops(device_name):
+    """(TFLOP/s, source) of the GPU named `device_name` from DATASHEET_PEAKS, or None for a device not in it."""
+    for pattern, tflops, dtype in DATASHEET_PEAKS:
+        if re.search(pattern, device_name or ""):
+            return tflops, f"datasheet dense {dtype}"
+    return None
+
+
+def measure_matmul_peak(device="cuda", n=8192, batches=5, calls=10):
+    """TFLOP/s of a bf16 n x n x n matmul on `device`, timed with CUDA events: the median of `batches`."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty_like(a)
+    for _ in range(3):  # warm-up: cuBLAS picks its kernel, the clocks ramp up
+        torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / calls
+        rates.append(2 * n**3 / seconds / 1e12)
+    return statistics.median(rates)
 
 
 def image_flops(model="sdxl-random", height=1024, width=1024, steps=30, guidance=5.0):
@@ -43,7 +79,7 @@ def image_flops(model="sdxl-random", height=1024, width=1024, steps=30, guidance
     unet_batch = 2 if guidance > 1 else 1
     counts = {
         "text_encoders": _text_encoder_flops(model),
-        "unet_per_call": _unet_flops(model, height, width, unet_batch),
+        "unet_per_call": _unet_module_flops(model, height, width, unet_batch)["Global"],
         "unet_batch": unet_batch,
         "unet_calls": steps,
         "vae_decode": _vae_decode_flops(model, height, width),
@@ -53,9 +89,36 @@ def image_flops(model="sdxl-random", height=1024, width=1024, steps=30, guidance
     return counts
 
 
-def efficiency(median_s, flops_total, peak_tflops=H100_BF16_MATMUL_TFLOPS):
+def repeated_block_share(model="sdxl-random", height=1024, width=1024):
+    """FLOPs of one UNet call (batch 1), and the shares of them in two places.
+
+    `inside`: the share inside the repeated blocks (`unet._repeated_blocks`, the BasicTransformerBlocks), all
+    that regional compilation compiles. `widest_conv_shortcut_share`: the share of the resnets' 1x1
+    `conv_shortcut` convolutions whose input and output are both at least the widest level's width, the
+    convolutions outside the blocks that step 06 turns into linear layers wide enough to quantize.
+    """
+    model = _architecture(model)
+    unet = _meta_pipeline(model).unet
+    counts = _unet_module_flops(model, height, width, 1)
+    widest = unet.config.block_out_channels[-1]
+    blocks = _flops_of(unet, counts, lambda name, module: type(module).__name__ in unet._repeated_blocks)
+    shortcuts = _flops_of(
+        unet, counts,
+        lambda name, module: name.endswith("conv_shortcut") and min(module.in_channels, module.out_channels) >= widest,
+    )
+    total = counts["Global"]
+    return {
+        "unet": total,
+        "repeated_blocks": blocks,
+        "inside": blocks / total,
+        "widest_conv_shortcuts": shortcuts,
+        "widest_conv_shortcut_share": shortcuts / total,
+    }
+
+
+def efficiency(median_s, flops_total, peak_tflops):
     """Achieved TFLOP/s for `flops_total` done in `median_s`, its fraction of `peak_tflops`, and the time floor
-    (the last two None where `peak_tflops` is None: no peak measured for that device)."""
+    (the last two None where `peak_tflops` is None: no peak known for that device)."""
     tflops_per_s = flops_total / median_s / 1e12
     return {
         "tflops_per_s": tflops_per_s,
@@ -85,10 +148,22 @@ def _meta_pipeline(model):
     return pipe
 
 
-def _count(fn):
+def _count_by_module(fn):
+    """FLOPs of `fn()` by module path ("Global" for all of them)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
-    return counter.get_total_flops()
+    return {name: sum(by_op.values()) for name, by_op in counter.get_flop_counts().items()}
+
+
+def _count(fn):
+    return _count_by_module(fn).get("Global", 0)
+
+
+def _flops_of(model, counts, select):
+    """FLOPs of the submodules of `model` that `select(name, module)` picks, none of them inside another."""
+    # FlopCounterMode names a module by its path under the class name of the module that was called.
+    prefix = type(model).__name__
+    return sum(counts.get(f"{prefix}.{name}", 0) for name, module in model.named_modules() if select(name, module))
 
 
 @lru_cache(maxsize=4)
@@ -98,7 +173,7 @@ def _text_encoder_flops(model):
 
 
 @lru_cache(maxsize=16)
-def _unet_flops(model, height, width, batch):
+def _unet_module_flops(model, height, width, batch):
     pipe = _meta_pipeline(model)
     latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     with torch.device(META):
@@ -109,7 +184,9 @@ def _unet_flops(model, height, width, batch):
             "time_ids": torch.zeros(batch, 6),  # original size, crop corner, target size
         }
         timestep = torch.tensor(999.0)
-    return _count(lambda: pipe.unet(latents, timestep, encoder_hidden_states=text, added_cond_kwargs=conditions))
+    return _count_by_module(
+        lambda: pipe.unet(latents, timestep, encoder_hidden_states=text, added_cond_kwargs=conditions)
+    )
 
 
 @lru_cache(maxsize=16)

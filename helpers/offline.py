@@ -1,8 +1,9 @@
 """SDXL-shaped pipelines built in code, for machines that cannot reach the model hub.
 
-`tiny_pipeline()` is a few-million-parameter SDXL (two CLIP text encoders, a text-time UNet with
-cross-attention blocks, a 4-level VAE, SDXL's Euler scheduler) with deterministic weights: it makes
-noise-like images in a fraction of a second on a CPU, so every notebook can run anywhere.
+`tiny_pipeline()` is a 1.7 M-parameter SDXL (two CLIP text encoders, a three-level text-time UNet with attention
+at two widths and two depths, a 4-level VAE, SDXL's Euler scheduler) with deterministic weights: it makes
+noise-like images in a fraction of a second on a CPU, so every notebook can run anywhere. Its parameters:
+`python -c "from helpers.offline import parameter_counts, tiny_pipeline; print(parameter_counts(tiny_pipeline()))"`
 
 `sdxl_random_pipeline()` is the published SDXL-base architecture with random weights. Its FLOPs, and
 so its latency, are those of the real model; its images are noise.
@@ -72,24 +73,26 @@ SDXL_TEXT_ENCODER_2 = dict(
     projection_dim=1280, hidden_act="gelu",
 )
 
-# The same wiring at a few million parameters: cross_attention_dim = 32 + 32 (both encoders' hidden
-# states), projection input = 32 (pooled text) + 6 * 8 (time ids).
+# SDXL's shape at 1.4 M parameters: three levels, attention at the two inner widths with different depths
+# (SDXL: 2 and 10 transformer layers at 640 and 1280; here 1 and 2 at 32 and 64), linear proj_in/proj_out,
+# conv_shortcut where a resnet changes width. One resnet per down level, not SDXL's two: a graph quick to compile.
+# cross_attention_dim = 32 + 32 (both encoders' hidden states), projection input = 32 (pooled text) + 6 * 8 (time ids).
 TINY_UNET = dict(
     sample_size=16,
     in_channels=4,
     out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2),
-    attention_head_dim=(2, 4),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(1, 2, 4),
     cross_attention_dim=64,
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=80,
-    norm_num_groups=16,
+    norm_num_groups=8,
 )
 TINY_VAE = dict(SDXL_VAE, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128)
 TINY_TEXT_ENCODER = dict(
@@ -188,11 +191,16 @@ def build_pipeline(unet, vae, text_encoder, text_encoder_2, device="cpu"):
 
 
 def tiny_pipeline(seed=0):
-    """A ~3 M-parameter SDXL-shaped pipeline with weights fixed by `seed`, built on the CPU."""
+    """A 1.7 M-parameter SDXL-shaped pipeline with weights fixed by `seed`, built on the CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = build_pipeline(TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, TINY_TEXT_ENCODER_2)
     return pipe
+
+
+def parameter_counts(pipe):
+    """Parameters of each model of an SDXL pipeline."""
+    return {name: getattr(pipe, name).num_parameters() for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
 
 
 def sdxl_random_pipeline(device="cpu", seed=0):

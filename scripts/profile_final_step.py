@@ -29,7 +29,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from helpers.flops import efficiency, image_flops, measured_peak_tflops
+from helpers.flops import efficiency, image_flops, peak_tflops
 from helpers.images import generate
 from helpers.ladder import build, describe
 from helpers.params import COMPILE_MODES, Params
@@ -168,8 +168,9 @@ def flops_summary(args, wall_s):
         counted = image_flops(args.model, args.height, args.width, args.steps, args.guidance)
     except ValueError as error:  # a model whose architecture flops.py doesn't know
         return {"note": str(error)}
-    peak = measured_peak_tflops(device_name())  # None where no peak was measured: no fraction of it then
-    return {"image_tflop": counted["total"] / 1e12, "peak_tflops": peak, **efficiency(wall_s, counted["total"], peak)}
+    peak, source = peak_tflops(device_name()) or (None, None)  # no fraction where the device's peak is unknown
+    return {"image_tflop": counted["total"] / 1e12, "peak_tflops": peak, "peak_source": source,
+            **efficiency(wall_s, counted["total"], peak)}
 
 
 def main(argv=None):

@@ -88,8 +88,10 @@ EXPECTED_LINES = {
            r"Released: no pipeline left alive"],
     "05": [r"attention layers of the UNet now have fused projections", r"M parameters of unused unfused projections",
            r"Released: no pipeline left alive"],
-    "06": [r"\d+ of \d+ linear layers quantized to int8", r"Released: no pipeline left alive"],
-    "07": [r"regional compile \(07\)", r"full compile \(06\)", r"static shapes, \d+x\d+: [1-9]\d* graph",
+    "06": [r"\d+ of \d+ linear layers quantized to int8", r"shortcut convolutions: 0\.\d+% of the UNet's FLOPs",
+           r"Released: no pipeline left alive"],
+    "07": [r"regional compile \(07\)", r"full compile \(06\)", r"7\d% of the UNet's FLOPs run inside the compiled",
+           r"static shapes, \d+x\d+: [1-9]\d* graph",
            r"dynamic shapes, 64x64: \d+ graph\(s\) recompiled", r"Released: no pipeline left alive"],
 }
 
