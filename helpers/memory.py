@@ -6,6 +6,7 @@ cycle collector runs: `free_memory` runs it, then hands CUDA's cached blocks bac
 """
 
 import gc
+import warnings
 
 import torch
 from diffusers import DiffusionPipeline
@@ -21,7 +22,9 @@ def free_memory():
 def live_pipelines():
     """The diffusers pipelines still alive in this process (after a collection)."""
     gc.collect()
-    return [obj for obj in gc.get_objects() if isinstance(obj, DiffusionPipeline)]
+    with warnings.catch_warnings():  # isinstance on every object touches deprecated module attributes, which warn
+        warnings.simplefilter("ignore")
+        return [obj for obj in gc.get_objects() if isinstance(obj, DiffusionPipeline)]
 
 
 def release(*panels):

@@ -6,6 +6,8 @@ filters; `helpers` imports it before anything imports diffusers.
 """
 
 import logging
+import re
+import warnings
 
 import torch
 
@@ -32,7 +34,14 @@ class _DropMatching(logging.Filter):
         return self.text not in record.getMessage()
 
 
+# Python warnings, by the start of their text: Dynamo's note that diffusers' upsampling calls an lru_cache-wrapped
+# function (diffusers' code, traced correctly; nothing for the user to change).
+SILENCED_WARNINGS = ("Dynamo detected a call to a `functools.lru_cache`-wrapped function",)
+
+
 def silence_known_warnings():
+    for text in SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(text), category=UserWarning)
     for logger_name, text in SILENCED:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, _DropMatching) and f.text == text for f in logger.filters):

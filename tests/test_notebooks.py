@@ -127,4 +127,4 @@ def test_notebooks_in_git_have_no_outputs_and_a_parameters_cell():
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert not [c for c in code if c.outputs or c.execution_count], f"{path.name} has outputs: clear them"
         assert "parameters" in code[0].metadata.get("tags", []), path.name
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == [s.notebook for s in STEPS]
+    assert sorted(p.name for p in NOTEBOOKS.glob("0[1-7]_*.ipynb")) == [s.notebook for s in STEPS]
