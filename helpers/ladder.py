@@ -238,7 +238,7 @@ def quantized_layers(module):
 
 
 def is_compiled(pipe):
-    return bool(describe(pipe)["compiled"])
+    return bool(pipeline_state(pipe)["compiled"])
 
 
 def _dynamo_context(compiled):
@@ -264,7 +264,7 @@ def compile_options(compiled):
     }
 
 
-def describe(pipe):
+def pipeline_state(pipe):
     """What the ladder changes, as plain data: dtypes, attention, fusion, quantization, layout, compilation."""
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     models = {"unet": unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}

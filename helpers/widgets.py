@@ -40,7 +40,7 @@ def show_image(image_widget, image):
     image_widget.layout.display = ""
 
 
-def describe_latency(measurement, device):
+def latency_sentence(measurement, device):
     """One line: the median with its spread, how many runs, where, and the first call on its own."""
     text = (
         f"{measurement.median_s:.3f} s median, IQR {measurement.iqr_s:.3f} s, {len(measurement.samples_s)} runs, "
@@ -189,7 +189,7 @@ class Playground:
         self.last_measurement, self.last_image = measurement, measurement.output
         shown, self.baseline_note.value = comparison(measurement.output, params, self.label)
         show_image(self.image, shown)
-        self.latency.value = html.escape(describe_latency(measurement, device_name(self.pipe.device)))
+        self.latency.value = html.escape(latency_sentence(measurement, device_name(self.pipe.device)))
         self.status.value = "done"
 
 
@@ -335,7 +335,7 @@ class FlagsPanel:
                           "iqr_s": measurement.iqr_s, "first_call_s": measurement.first_call_s})
         shown, self.baseline_note.value = comparison(measurement.output, self.params, f"#{len(self.rows)}")
         show_image(self.image, shown)
-        self.latency.value = html.escape(describe_latency(measurement, device_name(self.pipe.device)))
+        self.latency.value = html.escape(latency_sentence(measurement, device_name(self.pipe.device)))
         self.table.value = results_table(self.rows)
         self.status.value = "done"
 

@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from helpers.flops import efficiency, image_flops, peak_tflops
 from helpers.images import generate
-from helpers.ladder import build, describe
+from helpers.ladder import build, pipeline_state
 from helpers.params import COMPILE_MODES, Params
 from helpers.probe import attention_backends
 from helpers.results import device_name, package_versions
@@ -157,7 +157,7 @@ def inductor_cache():
 def attention(pipe, averages):
     """The attention processors of the UNet and the VAE, and the calls each backend got in the profiled image."""
     backends = attention_backends(averages)
-    summary = {"processors": describe(pipe)["attention"], "backends": backends}
+    summary = {"processors": pipeline_state(pipe)["attention"], "backends": backends}
     if not backends:
         summary["note"] = "no SDPA op and no attention kernel helpers.probe names: plain attention, off the GPU"
     return summary

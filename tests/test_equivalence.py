@@ -39,7 +39,7 @@ def test_sdpa_matches_plain_attention(fp32):
 def test_fused_projections_compute_the_same_numbers(fp32):
     unfused = image(fp32)
     fp32.fuse_qkv_projections()
-    assert helpers.describe(fp32)["fused_qkv"]
+    assert helpers.pipeline_state(fp32)["fused_qkv"]
     assert max_difference(image(fp32), unfused) == 0
 
 

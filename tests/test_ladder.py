@@ -22,17 +22,17 @@ def pipeline_from_notebook(step):
 @pytest.mark.parametrize("step", helpers.STEPS, ids=lambda s: s.notebook)
 def test_notebook_code_equals_helper(step):
     torch._inductor.config.load_config(DEFAULT_FLAGS)
-    from_notebook = helpers.describe(pipeline_from_notebook(step))
+    from_notebook = helpers.pipeline_state(pipeline_from_notebook(step))
     torch._inductor.config.load_config(DEFAULT_FLAGS)
-    from_helper = helpers.describe(helpers.build("tiny", through=step.id, verbose=False))
+    from_helper = helpers.pipeline_state(helpers.build("tiny", through=step.id, verbose=False))
     assert from_notebook == from_helper
 
 
 @pytest.fixture(scope="module")
 def states():
-    """describe() of `build(through=N)` for every step, built once for the checks below."""
+    """pipeline_state() of `build(through=N)` for every step, built once for the checks below."""
     torch._inductor.config.load_config(DEFAULT_FLAGS)
-    return {s.id: helpers.describe(helpers.build("tiny", through=s.id, verbose=False)) for s in helpers.STEPS}
+    return {s.id: helpers.pipeline_state(helpers.build("tiny", through=s.id, verbose=False)) for s in helpers.STEPS}
 
 
 def check_01(state):
@@ -130,17 +130,17 @@ def test_fusion_frees_the_projections_it_replaced():
 
 def test_steps_run_twice_are_harmless(capsys):
     pipe = helpers.build("tiny", through="06", compile=False, verbose=False)
-    before = helpers.describe(pipe)
+    before = helpers.pipeline_state(pipe)
     helpers.quantize_int8(pipe)
     helpers.fuse_qkv(pipe)
-    assert helpers.describe(pipe) == before
+    assert helpers.pipeline_state(pipe) == before
     out = capsys.readouterr().out
     assert "already quantized" in out and "already fused" in out
     helpers.compile_pipeline(pipe)
-    compiled = helpers.describe(pipe)
+    compiled = helpers.pipeline_state(pipe)
     helpers.compile_pipeline(pipe)
     helpers.compile_regions(pipe)
-    assert helpers.describe(pipe) == compiled
+    assert helpers.pipeline_state(pipe) == compiled
     assert capsys.readouterr().out.count("already compiled") == 2
 
 
@@ -154,7 +154,7 @@ def test_missing_torchao_is_one_sentence_and_only_stops_step_06(monkeypatch):
     assert "torchao is missing" in message and "pip install torchao" in message and "\n" not in message
     with pytest.raises(helpers.StepUnavailable):
         helpers.build("tiny", through="06", compile=False, verbose=False)
-    assert helpers.describe(helpers.build("tiny", through="05", verbose=False))["fused_qkv"]
+    assert helpers.pipeline_state(helpers.build("tiny", through="05", verbose=False))["fused_qkv"]
 
 
 def test_notebook_06_quantize_cell_run_twice_changes_nothing():
@@ -163,7 +163,7 @@ def test_notebook_06_quantize_cell_run_twice_changes_nothing():
     cells = notebook_cells(step.notebook, "ladder")
     for source in cells:
         exec(compile(source, step.notebook, "exec"), namespace)
-    once = helpers.describe(namespace["pipe"])
+    once = helpers.pipeline_state(namespace["pipe"])
     (step_cell,) = [source for source in cells if marker in source]
     exec(compile(step_cell, step.notebook, "exec"), namespace)
-    assert helpers.describe(namespace["pipe"]) == once
+    assert helpers.pipeline_state(namespace["pipe"]) == once

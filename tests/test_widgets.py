@@ -106,7 +106,7 @@ def test_rebuild_adds_a_row_and_releases_the_previous_pipeline(params):
     panel.button.click()
 
     assert panel.message.value == ""
-    assert helpers.describe(panel.pipe)["attention"]["unet"] == ["AttnProcessor"]
+    assert helpers.pipeline_state(panel.pipe)["attention"]["unet"] == ["AttnProcessor"]
     assert LATENCY.search(panel.latency.value), panel.latency.value
     assert shown_image(panel).size == side_by_side(panel.last_image, None, "#1").size
     previous = weakref.ref(panel.pipe)
@@ -117,7 +117,7 @@ def test_rebuild_adds_a_row_and_releases_the_previous_pipeline(params):
     panel.button.click()
 
     assert previous() is None
-    state = helpers.describe(panel.pipe)
+    state = helpers.pipeline_state(panel.pipe)
     assert state["dtypes"]["unet"] == str(helpers.low_precision_dtype(verbose=False))
     assert state["fused_qkv"] and not state["compiled"]
     low = str(helpers.low_precision_dtype(verbose=False)).removeprefix("torch.")
@@ -166,7 +166,8 @@ def test_release_frees_the_pipeline_and_the_next_click_builds_the_step_again(par
 
     panel.button.click()
     assert panel.message.value == "" and LATENCY.search(panel.latency.value)
-    assert helpers.describe(panel.pipe) == helpers.describe(helpers.build("tiny", through="03", verbose=False))
+    rebuilt = helpers.build("tiny", through="03", verbose=False)
+    assert helpers.pipeline_state(panel.pipe) == helpers.pipeline_state(rebuilt)
 
 
 def test_a_released_panel_without_a_step_says_what_to_do(pipe, params):
@@ -188,7 +189,7 @@ def test_a_compiled_pipeline_is_gone_once_the_next_one_is_built(params, compile_
     panel.compile.value = compile_kind
     panel.compile_mode.value = "default"
     panel.button.click()
-    assert panel.message.value == "" and helpers.describe(panel.pipe)["compiled"]
+    assert panel.message.value == "" and helpers.pipeline_state(panel.pipe)["compiled"]
     previous = weakref.ref(panel.pipe)
 
     panel.compile.value = "off"
