@@ -7,7 +7,8 @@ from dataclasses import fields
 
 from .models import ModelUnavailable
 from .params import COMPILE_MODES, Params
-from .runner import RunFailed, run_series, select_steps
+from .results import OutputError
+from .runner import RunFailed, RunStopped, interrupt_name_and_code, run_series, select_steps
 
 
 def _option_type(annotation):
@@ -49,23 +50,38 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """Run the command; every failure a user can meet ends in one line on stderr and a non-zero exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "chart":
-            from .chart import chart_from_dir
-
-            print(f"Chart: {chart_from_dir(args.out)}")
-            return 0
-        params = Params(**{f.name: getattr(args, f.name, None) for f in fields(Params)} | {"out_dir": args.out})
-        select_steps(args.only)
-        run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache)
+        return _command(args)
     except (ValueError, ModelUnavailable, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _fail(error, 2)
+    except (RunFailed, OutputError) as error:
+        return _fail(error, 1)
+    except OSError as error:  # one the course did not foresee: still one line, with the path it names
+        return _fail(f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}", 1)
+    except RunStopped as stopped:
+        return _fail(stopped, stopped.exit_code, prefix="")
+    except KeyboardInterrupt as interrupt:  # before or after the notebooks, where every write is atomic
+        how, code = interrupt_name_and_code(interrupt)
+        return _fail(f"Stopped ({how}); nothing already written was lost.", code, prefix="")
+
+
+def _command(args):
+    if args.command == "chart":
+        from .chart import chart_from_dir
+
+        print(f"Chart: {chart_from_dir(args.out)}")
+        return 0
+    params = Params(**{f.name: getattr(args, f.name, None) for f in fields(Params)} | {"out_dir": args.out})
+    select_steps(args.only)
+    run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache)
     return 0
+
+
+def _fail(error, code, prefix="error: "):
+    print(f"{prefix}{error}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,7 +10,15 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .results import RESULTS_FILE, latest_records, load_records, write_atomically
+from .results import (
+    READ_ONLY_ERRNOS,
+    RESULTS_FILE,
+    OutputError,
+    latest_records,
+    load_records,
+    usable_records,
+    write_atomically,
+)
 from .steps import STEPS
 
 CHART_FILE = "latency_per_step.png"
@@ -245,7 +253,10 @@ def _save_atomically(fig, path):
 
 
 def draw_chart(records, path=None):
-    """The chart of `records` (the newest of each device, model and step) as a Figure, saved as PNG at `path`."""
+    """The chart of `records` (the newest of each device, model and step) as a Figure, saved as PNG at `path`.
+
+    A record it can't draw (a hand-merged one without a device, say) is left out with a line saying why."""
+    records = usable_records(records)
     _require_measurement(records, "these records")
     groups = _groups(records)
     fig = Figure(figsize=(15, 14), layout="constrained")
@@ -262,10 +273,21 @@ def draw_chart(records, path=None):
 
 
 def chart_from_dir(out_dir):
-    """Draw the records of `<out_dir>/results.json` and save them as `<out_dir>/latency_per_step.png`."""
+    """Draw the records of `<out_dir>/results.json` and save them as `<out_dir>/latency_per_step.png`.
+
+    Where `out_dir` can only be read, the chart goes to the current folder as `<folder name>-latency_per_step.png`,
+    and a line says so."""
     out_dir = Path(out_dir)
     records = load_records(out_dir)
     _require_measurement(records, str(out_dir / RESULTS_FILE))
+    fig = draw_chart(records)
     path = out_dir / CHART_FILE
-    draw_chart(records, path)
+    try:
+        _save_atomically(fig, path)
+    except OutputError as error:
+        if error.errno not in READ_ONLY_ERRNOS:
+            raise
+        path = Path.cwd() / f"{out_dir.resolve().name}-{CHART_FILE}"
+        _save_atomically(fig, path)
+        print(f"{out_dir} can only be read, so the chart went to the current folder.")
     return path

@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .models import native_size
+from .results import write_new
 
 
 def image_size(params):
@@ -30,12 +31,10 @@ def generate(pipe, params, prompt=None):
 
 
 def save_image(image, out_dir, step_id):
-    """Save `image` as `<out_dir>/images/<step>.png`; returns the path relative to `out_dir`."""
-    relative = Path("images") / f"{step_id}.png"
-    path = Path(out_dir) / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return relative.as_posix()
+    """Save `image` as `<out_dir>/images/<step>.png`, or `<step>-2.png`, ... where another run took that name;
+    returns the path relative to `out_dir`. Never writes over an image: each record keeps its own."""
+    path = write_new(Path(out_dir) / "images", step_id, ".png", lambda f: image.save(f, format="PNG"))
+    return f"images/{path.name}"
 
 
 def quality(image, baseline):

@@ -109,20 +109,30 @@ def check_model(model):
     if model in OFFLINE_MODELS:
         return model
     folder = Path(model).expanduser()
-    if folder.is_dir():
-        index = folder / "model_index.json"
-        try:
-            class_name = json.loads(index.read_text()).get("_class_name")
-        except (OSError, ValueError):
-            class_name = None
-        if class_name != "StableDiffusionXLPipeline":
+    if not folder.is_dir():
+        if not _HUB_ID.match(model):
             raise ModelUnavailable(
-                f"{folder.name!r} is not a diffusers SDXL folder (its model_index.json must name "
-                f"StableDiffusionXLPipeline); {OFFLINE_CHOICES}."
+                f"Unknown model {model!r}: give a hub id like {SDXL_HUB_ID!r}, or {OFFLINE_CHOICES}."
             )
         return model
-    if not _HUB_ID.match(model):
-        raise ModelUnavailable(f"Unknown model {model!r}: give a hub id like {SDXL_HUB_ID!r}, or {OFFLINE_CHOICES}.")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusionXLPipeline":
+        raise ModelUnavailable(
+            f"{folder.name!r} is not a diffusers SDXL folder (its model_index.json must be a JSON object naming "
+            f"StableDiffusionXLPipeline); {OFFLINE_CHOICES}."
+        )
+    pickled = [
+        name for name in PIPELINE_MODELS if (folder / name).is_dir() and not list((folder / name).glob("*.safetensors"))
+    ]
+    if pickled:
+        raise ModelUnavailable(
+            f"Could not load {folder.name!r}: there are no .safetensors weights in {', '.join(pickled)}, and the "
+            "course loads no pickled .bin files (save the pipeline with safe_serialization=True); or "
+            f"{OFFLINE_CHOICES}."
+        )
     return model
 
 
@@ -402,10 +412,11 @@ def _from_pretrained(model, dtype, vae=None, verbose=True):
 
 
 def _unavailable(model, error):
-    return ModelUnavailable(
-        f"Could not load {model!r} ({_first_line(error)[:200]}); check the id and your connection or token, or "
-        f"{OFFLINE_CHOICES}."
-    )
+    if Path(model).expanduser().is_dir():
+        advice = "check that the folder holds the whole pipeline, each model's weights as .safetensors files"
+    else:
+        advice = "check the id and your connection or token"
+    return ModelUnavailable(f"Could not load {model!r} ({_first_line(error)[:200]}); {advice}, or {OFFLINE_CHOICES}.")
 
 
 def _first_line(error):

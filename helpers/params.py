@@ -4,11 +4,13 @@
 the runner's command-line options (made from the fields and their help) and what the notebooks record.
 """
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_SIDE = 4096
+MAX_SEED = 2**64 - 1  # torch's generators take a 64-bit seed
 
 
 def _option(default, help):
@@ -52,9 +54,26 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _not_utf8(params):
+    """A sentence for each text parameter holding bytes that aren't UTF-8 (from a terminal in another encoding)."""
+    found = []
+    for name, value in params.to_dict().items():
+        try:
+            if isinstance(value, str):
+                value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", errors="replace").decode("utf-8")
+            found.append(f"{name} holds bytes that are not UTF-8 text ({shown!r}): type it again in a UTF-8 terminal.")
+    return found
+
+
 def problems(params):
     """One sentence for each parameter that can't work, in the order the fields are declared."""
-    found = []
+    found = _not_utf8(params)
     if not isinstance(params.model, str) or not params.model.strip():
         found.append("model must be 'auto', 'tiny', 'sdxl-random', a hub id or a local folder.")
     if not isinstance(params.prompt, str) or not params.prompt.strip():
@@ -72,10 +91,10 @@ def problems(params):
                 f"{name} must be a multiple of 8 from 64 to {MAX_SIDE} (the VAE works on 8x8 pixel patches), "
                 f"got {value!r}."
             )
-    if not isinstance(params.guidance, (int, float)) or isinstance(params.guidance, bool) or params.guidance < 0:
-        found.append(f"guidance must be a number of 0 or more (SDXL's usual is 5.0), got {params.guidance!r}.")
-    if not _is_int(params.seed) or params.seed < 0:
-        found.append(f"seed must be a whole number of 0 or more, got {params.seed!r}.")
+    if not _is_number(params.guidance) or params.guidance < 0:
+        found.append(f"guidance must be a finite number of 0 or more (SDXL's usual is 5.0), got {params.guidance!r}.")
+    if not _is_int(params.seed) or not 0 <= params.seed <= MAX_SEED:
+        found.append(f"seed must be a whole number from 0 to {MAX_SEED} (a 64-bit seed), got {params.seed!r}.")
     if not _is_int(params.warmup) or params.warmup < 0:
         found.append(f"warmup must be a whole number of 0 or more, got {params.warmup!r}.")
     if not _is_int(params.runs) or params.runs < 1:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .flops import efficiency, image_flops, measured_peak_tflops
+from .flops import efficiency, image_flops, peak_tflops
 from .images import describe_quality, image_size, quality, save_image
 from .results import append_record, device_name, load_records, make_record
 from .steps import get_step
@@ -18,40 +18,52 @@ def comparable_record(step, params):
     step_id = get_step(step).id
     wanted = {name: getattr(params, name) for name in IMAGE_PARAMS}
     device = device_name()
-    for record in reversed(load_records(params.out_dir)):
+    for record in reversed(load_records(params.out_dir, quiet=True)):
         same = all(record["params"].get(name) == value for name, value in wanted.items())
         if record["step"] == step_id and record["status"] == "ok" and record["device"] == device and same:
             return record
     return None
 
 
+def _baseline(params):
+    """(the baseline image's path relative to the output folder, the image) for these parameters, or (None, None).
+
+    The path is the one the baseline's own record names, so a later run's image can never stand in for it."""
+    record = comparable_record("01", params)
+    if record is None or not isinstance(record.get("image"), str):
+        return None, None
+    path = Path(params.out_dir) / record["image"]
+    try:
+        return record["image"], Image.open(path).convert("RGB")
+    except (OSError, ValueError):  # deleted or damaged since: no baseline rather than a wrong one
+        return None, None
+
+
 def baseline_image(params):
     """The fp32 baseline image for these parameters, if notebook 01 has made one."""
-    record = comparable_record("01", params)
-    if record is None or not record.get("image"):
-        return None
-    path = Path(params.out_dir) / record["image"]
-    return Image.open(path).convert("RGB") if path.exists() else None
+    return _baseline(params)[1]
 
 
 def compute_efficiency(params, median_s):
-    """FLOPs of one image, TFLOP/s achieved and the fraction of this GPU's measured peak, where they can be known."""
+    """FLOPs of one image, TFLOP/s achieved and the fraction of this GPU's datasheet peak, where they can be known."""
     height, width = image_size(params)
     try:
         flops = image_flops(params.model, height, width, params.steps, params.guidance)["total"]
     except ValueError:  # a local folder of another architecture: not counted
         return {}
-    return {"flops_per_image": flops, **efficiency(median_s, flops, measured_peak_tflops(device_name()))}
+    peak, source = peak_tflops(device_name()) or (None, None)
+    return {"flops_per_image": flops, **efficiency(median_s, flops, peak), "peak_source": source}
 
 
 def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     """Save the step's image and its record (with quality against the baseline); print a one-line summary."""
     step = get_step(step)
-    image_file = save_image(image, params.out_dir, step.id)
-    baseline = None if step.id == "01" else baseline_image(params)
+    baseline_file, baseline = (None, None) if step.id == "01" else _baseline(params)
     scores = quality(image, baseline) if baseline is not None else None
+    image_file = save_image(image, params.out_dir, step.id)
     record = make_record(
         step.id, measurement, params, dtype=dtype, image_file=image_file, quality=scores, note=note,
+        baseline_file=baseline_file if scores is not None else None,
         extra={**compute_efficiency(params, measurement.median_s), **(extra or {})},
     )
     append_record(params.out_dir, record)

@@ -1,15 +1,21 @@
-"""One record per measured step, kept in `<out>/results.json`.
+"""One record per measured step, kept in `<out>/results.json`, and the files the records point at.
 
-Writes are atomic (a temporary file renamed over the old one) and serialised with a lock file, so two
-runs writing the same folder lose nothing. A results file that can't be read is moved aside, never
-overwritten.
+Writes are atomic (a temporary file renamed over the old one) and serialised with a lock file, so two runs
+writing the same folder lose nothing; reading takes no lock, so a folder that can only be read can still be
+charted. Images and executed notebooks get names no other run has taken (`01.png`, then `01-2.png`, ...), so
+each record keeps pointing at its own. A results file cut off mid-write is never overwritten: reading uses its
+complete records and leaves it alone; the next write keeps a copy of it first.
 """
 
 import datetime
+import errno
 import fcntl
+import itertools
 import json
+import math
 import os
 import platform
+import re
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
@@ -19,6 +25,52 @@ import torch
 
 RESULTS_FILE = "results.json"
 VERSIONED_PACKAGES = ("torch", "diffusers", "torchao", "transformers")
+STATUSES = ("ok", "out_of_memory", "failed", "skipped")
+# The runner names each kernel's executed notebook here, so that the records it makes point at it.
+EXECUTED_NOTEBOOK_ENV = "SDXL_FAST_NOTEBOOK"
+# Errors that say "not here": another folder would do.
+READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_BETWEEN_RECORDS = re.compile(r"[\s,]*")
+
+
+class OutputError(OSError):
+    """A file of the results can't be written (or read); the message is one sentence that names it and what to do."""
+
+
+def output_error(path, error, reading=False):
+    """An OutputError, with `error`'s errno, for the OSError `error` met on `path`."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space, or choose a folder on another disk, and run again"
+    elif error.errno in READ_ONLY_ERRNOS:
+        advice = "copy the folder somewhere you can read it" if reading else (
+            "choose a folder you can write (--out, or OUT_DIR in a notebook)"
+        )
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST):
+        advice = "a file stands where a folder is needed: choose another folder"
+    else:
+        advice = "check that folder and run again"
+    problem = OutputError(f"Can't {'read' if reading else 'write'} {path} ({error.strerror or error}): {advice}.")
+    problem.errno = error.errno
+    return problem
+
+
+def _check_inductor_cache_setting():
+    """Fall back to Inductor's default cache, with one line, where TORCHINDUCTOR_CACHE_DIR can't be written: torch
+    makes that folder as diffusers is imported, and would fail there with a traceback. This module is imported
+    before diffusers is."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        print(f"Warning: TORCHINDUCTOR_CACHE_DIR={folder} can't be written ({error.strerror or error}), so Inductor "
+              "uses its default cache folder: set TORCHINDUCTOR_CACHE_DIR to a folder you can write, or unset it.")
+
+
+_check_inductor_cache_setting()
 
 
 def package_versions():
@@ -64,8 +116,12 @@ def driver_version():
         return None
 
 
-def make_record(step, measurement, params, *, dtype, image_file=None, quality=None, status="ok", note=None, extra=None):
-    """A plain-JSON record of one step's measurement and of everything needed to reproduce and compare it."""
+def make_record(step, measurement, params, *, dtype, image_file=None, quality=None, status="ok", note=None, extra=None,
+                baseline_file=None):
+    """A plain-JSON record of one step's measurement and of everything needed to reproduce and compare it.
+
+    It names its own image, the baseline image its quality was scored against, and the executed notebook that made
+    it (where the runner made one)."""
     from .images import image_size
     from .models import resolve_model
     from .steps import get_step
@@ -90,6 +146,8 @@ def make_record(step, measurement, params, *, dtype, image_file=None, quality=No
         "versions": package_versions(),
         "params": params.to_dict(),
         "image": image_file,
+        "baseline_image": baseline_file,
+        "notebook": os.environ.get(EXECUTED_NOTEBOOK_ENV),
         "quality": quality,
         "note": note,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -98,6 +156,65 @@ def make_record(step, measurement, params, *, dtype, image_file=None, quality=No
         record.update(measurement.to_dict())
     record.update(extra or {})
     return record
+
+
+def new_file(folder, stem, suffix):
+    """Create `<folder>/<stem><suffix>` empty, or `<stem>-2<suffix>`, `-3`, ... where the name is taken; its path.
+
+    Creation is exclusive, so runs writing one folder, even at the same time, never get the same file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        path = folder / (f"{stem}{suffix}" if number == 1 else f"{stem}-{number}{suffix}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
+def write_atomically(path, write):
+    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: readers never see half.
+
+    A failed write leaves `path` as it was and raises OutputError."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    except OSError as error:
+        raise output_error(path, error) from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared results folder must stay readable
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, OutputError):
+            raise output_error(path, error) from None
+        raise
+
+
+def write_new(folder, stem, suffix, write):
+    """`write` a new file named as `new_file` says, atomically; returns its path. A failure leaves no file."""
+    try:
+        path = new_file(folder, stem, suffix)
+    except OSError as error:
+        raise output_error(Path(folder), error) from None
+    try:
+        write_atomically(path, write)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_atomically(path, records):
+    write_atomically(path, lambda f: f.write(json.dumps(records, indent=1).encode()))
 
 
 @contextmanager
@@ -112,63 +229,145 @@ def _locked(out_dir):
 
 
 def _read(path):
-    """The records in `path`; a file that isn't a JSON list is moved aside with a warning and counts as empty."""
-    if not path.exists():
-        return []
+    """(records, None) from `path`; ([], None) where there is none; (its complete records, what is wrong with it)
+    where it is damaged: cut off mid-write, or not a JSON list."""
     try:
-        records = json.loads(path.read_text())
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ValueError("not a list of records")
-        return records
-    except (ValueError, UnicodeDecodeError) as error:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-        path.rename(aside)
-        print(f"Warning: {path.name} could not be read ({error}); kept it as {aside.name} and started a new one.")
-        return []
-
-
-def write_atomically(path, write):
-    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: readers never see half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], None
+    except OSError as error:
+        raise output_error(path, error, reading=True) from None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared results folder must stay readable
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        records = json.loads(data)
+    except ValueError:  # cut off mid-write, or bytes that aren't UTF-8 text
+        records = _complete_records(data.decode("utf-8", errors="replace"))
+        return records, f"is cut off or damaged after {len(records)} complete record(s)"
+    if not isinstance(records, list):
+        return [], "is not a JSON list of records"
+    return records, None
 
 
-def _write_atomically(path, records):
-    write_atomically(path, lambda f: f.write(json.dumps(records, indent=1).encode()))
+def _complete_records(text):
+    """The records before the point where `text`, a JSON list, stops being valid."""
+    decoder = json.JSONDecoder()
+    records, index = [], _BETWEEN_RECORDS.match(text).end()
+    if not text.startswith("[", index):
+        return []
+    index += 1
+    while True:
+        index = _BETWEEN_RECORDS.match(text, index).end()
+        try:
+            record, index = decoder.raw_decode(text, index)
+        except ValueError:
+            return records
+        records.append(record)
 
 
 def append_record(out_dir, record):
-    """Add `record` to `<out_dir>/results.json`; returns the record."""
+    """Add `record` to `<out_dir>/results.json`; returns the record.
+
+    A damaged results file is kept, as `results.json.corrupt-<time>`, before its complete records and the new one
+    are written in its place."""
     out_dir = Path(out_dir)
     path = out_dir / RESULTS_FILE
-    with _locked(out_dir):
-        records = _read(path)
-        records.append(record)
-        _write_atomically(path, records)
+    try:
+        with _locked(out_dir):
+            records, damage = _read(path)
+            if damage:
+                stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+                aside = write_new(out_dir, f"{RESULTS_FILE}.corrupt-{stamp}", "", lambda f: f.write(path.read_bytes()))
+                print(f"Warning: {path} {damage}; kept it as {aside.name}, and {path.name} now holds those records "
+                      "and the new one.")
+            _write_atomically(path, [*records, record])
+    except OutputError:
+        raise
+    except OSError as error:
+        raise output_error(path, error) from None
     return record
 
 
-def load_records(out_dir):
-    """Every record in `<out_dir>/results.json`, oldest first ([] where there is none)."""
-    out_dir = Path(out_dir)
-    if not (out_dir / RESULTS_FILE).exists():
-        return []
-    with _locked(out_dir):
-        return _read(out_dir / RESULTS_FILE)
+def load_records(out_dir, quiet=False):
+    """The usable records of `<out_dir>/results.json`, oldest first ([] where there is none); writes nothing.
+
+    Each record the chart can't draw is left out with a line that says which and why; a file cut off mid-write
+    gives its complete records, and a line says so (unless `quiet`)."""
+    path = Path(out_dir) / RESULTS_FILE
+    records, damage = _read(path)
+    if damage and not quiet:
+        print(f"Warning: {path} {damage}: using those, and leaving the file as it is.")
+    return usable_records(records, path, quiet)
+
+
+def usable_records(records, where="these records", quiet=False):
+    """`records` without those `record_problem` finds fault with; each one left out is named in a line."""
+    usable = []
+    for number, record in enumerate(records, 1):
+        problem = record_problem(record)
+        if problem is None:
+            usable.append(record)
+        elif not quiet:
+            step = f" (step {record.get('step')})" if isinstance(record, dict) and "step" in record else ""
+            print(f"Skipped record {number}{step} of {where}: {problem}.")
+    return usable
+
+
+def record_problem(record):
+    """Why the chart and the baseline lookup can't use `record` (a hand-edited one, say), or None."""
+    from .steps import STEP_IDS
+
+    if not isinstance(record, dict):
+        return f"it is {_shown(record)}, not a JSON object"
+    if record.get("step") not in STEP_IDS:
+        return f"step {_shown(record.get('step'))} is not one of the course's steps ({', '.join(STEP_IDS)})"
+    if record.get("status") not in STATUSES:
+        return f"status {_shown(record.get('status'))} is not one of {', '.join(STATUSES)}"
+    for name in ("device", "model"):
+        if not isinstance(record.get(name), str) or not record[name].strip():
+            return f"{name} is {_shown(record.get(name))}, not a name"
+    if not isinstance(record.get("params"), dict):
+        return f"params is {_shown(record.get('params'))}, not a JSON object"
+    for name in ("height", "width"):
+        value = record.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{name} is {_shown(value)}, not a positive whole number"
+    return _numbers_problem(record)
+
+
+def _numbers_problem(record):
+    """What is wrong with the measured numbers of `record`, or None."""
+    measured = record["status"] == "ok"
+    checks = [("median_s", True, measured), ("first_call_s", True, False), ("iqr_s", False, False),
+              ("peak_memory_gb", False, False), ("peak_fraction", False, False)]
+    for name, positive, required in checks:
+        value = record.get(name)
+        if (value is not None or required) and not _is_number(value, positive):
+            return f"{name} is {_shown(value)}, not {'a positive number' if positive else 'a number of 0 or more'}"
+    samples = record.get("samples_s")
+    if samples is not None and not (isinstance(samples, list) and all(_is_number(s, False) for s in samples)):
+        return f"samples_s is {_shown(samples)}, not a list of seconds"
+    quality = record.get("quality")
+    if quality is None:
+        return None
+    if not isinstance(quality, dict) or not _is_number(quality.get("ssim"), False):
+        return f"quality is {_shown(quality)}, not an object with an ssim number"
+    if quality.get("psnr_db") is not None and not _is_number(quality["psnr_db"], False):
+        return f"quality's psnr_db is {_shown(quality['psnr_db'])}, not a number"
+    return None
+
+
+def _is_number(value, positive):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return value > 0 if positive else value >= 0
+
+
+def _shown(value):
+    """`value` as it reads in the JSON file, cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def latest_records(records):

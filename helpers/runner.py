@@ -1,65 +1,159 @@
 """Run the notebooks headless, in order, with the same parameters: the course's main job.
 
 Each notebook runs in its own kernel with papermill, which injects the parameters after the cell tagged
-`parameters`. The run's folder gets the executed notebooks, the images, results.json and the chart. The
-kernels run inside that folder with OUT_DIR=".", so nothing written there holds an absolute path.
+`parameters`. The run's folder gets the executed notebooks, the images, results.json and the chart; runs may share
+a folder, since every executed notebook and image gets a name no other run has taken. The kernels run inside that
+folder with OUT_DIR=".", so nothing written there holds an absolute path.
+
+What only the run itself needs (each notebook's Inductor cache, the kernels' connection files and sockets) lives in
+a folder of its own in the system's temporary folder. It is removed when the run ends, also on Ctrl-C and SIGTERM;
+a run that was killed outright leaves it behind, and the next run removes it.
 """
 
+import errno
+import fcntl
 import os
+import shutil
+import signal
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from .models import check_model, download, resolve_model
 from .params import Params, cell_names
-from .results import append_record, make_record
+from .results import (
+    EXECUTED_NOTEBOOK_ENV,
+    OutputError,
+    append_record,
+    make_record,
+    new_file,
+    output_error,
+    write_atomically,
+)
 from .steps import STEPS, get_step
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-OUT_OF_MEMORY_ERRORS = ("OutOfMemoryError", "OutOfMemory")
+RUN_FOLDER_PREFIX = "sdxl-fast-run-"
+OUT_OF_MEMORY_ERRORS = ("OutOfMemoryError", "OutOfMemory", "MemoryError")
+# How a RuntimeError (or Inductor's wrapping of one) says that an allocation failed, on a GPU or in CPU memory.
+OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 OOM_ADVICE = (
     "out of GPU memory: use a smaller --height/--width, free other GPU work, or use a GPU with more memory "
     "(SDXL's fp32 weights alone are 14 GB)"
 )
-
-
-def _ipc_kernel_manager():
-    from jupyter_client.manager import AsyncKernelManager
-    from traitlets import default
-
-    class IpcKernelManager(AsyncKernelManager):
-        """Kernels on local socket files rather than TCP ports: nothing reachable from the network (and so no
-        warning from each kernel about unencrypted TCP)."""
-
-        @default("transport")
-        def _transport_default(self):
-            return "ipc"
-
-    return IpcKernelManager
+CPU_OOM_ADVICE = (
+    "out of memory: use a smaller --height/--width, close other programs, or use a machine with more memory "
+    "(SDXL's fp32 weights alone are 14 GB)"
+)
+# Errors writing a file that another folder (or more disk space) would cure.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
 
 
 class RunFailed(RuntimeError):
     """A notebook failed; the message names the notebook, the cell and the error."""
 
 
+class RunStopped(Exception):
+    """Ctrl-C or SIGTERM stopped the run; the message says where and what was kept."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it ends as Ctrl-C does: kernel stopped, temporary files removed."""
+
+
+def interrupt_name_and_code(interrupt):
+    """("SIGTERM", 143) or ("Ctrl-C", 130): what stopped the run, and the exit status a shell expects for it."""
+    return ("SIGTERM", 128 + signal.SIGTERM) if isinstance(interrupt, Terminated) else ("Ctrl-C", 128 + signal.SIGINT)
+
+
+def _ipc_kernel_manager(folder, kernels):
+    """A kernel manager class whose kernels talk over socket files in `folder` rather than TCP ports (nothing
+    reachable from the network, no warning per kernel about unencrypted TCP); each one started joins `kernels`."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IpcKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self):
+            return "ipc"
+
+        @default("connection_file")
+        def _connection_file_default(self):
+            # The sockets are named after it: in the run's folder, two runs' kernels never share a name.
+            return str(folder / f"kernel-{uuid.uuid4().hex[:8]}.json")
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kernels.append(self)
+            # The kernel's own log (its complaints when Ctrl-C shuts it down mid-cell) goes to a file, not the terminal.
+            with open(Path(self.connection_file).with_suffix(".log"), "ab") as log:
+                return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
+
+    return IpcKernelManager
+
+
 def is_out_of_memory(error_name, message):
-    """True for an out-of-memory error, also when Inductor wraps one raised while it compiled or autotuned."""
+    """True for an out-of-memory error, on a GPU or in CPU memory, also when Inductor wraps one raised while it
+    compiled or autotuned."""
     if error_name in OUT_OF_MEMORY_ERRORS:
         return True
-    return error_name == "InductorError" and "out of memory" in message.lower()
+    return error_name in ("RuntimeError", "InductorError") and any(w in message.lower() for w in OUT_OF_MEMORY_WORDS)
+
+
+def _out_of_memory_advice(error_name, message):
+    on_gpu = error_name == "OutOfMemoryError" or "cuda" in message.lower()
+    return OOM_ADVICE if on_gpu else CPU_OOM_ADVICE
 
 
 def select_steps(only):
-    """The steps to run, in course order: all of them, or those named in `only` ("01,03" or "4-7")."""
-    if not only:
+    """The steps to run, in course order: all of them (`only` None), or those named in `only` ("01,03" or "4-7")."""
+    if only is None:
         return list(STEPS)
+    if not str(only).strip():
+        raise ValueError("--only is empty: name the steps to run, e.g. 01,03 or 04-07, or leave it out for all.")
     wanted = set()
     for part in str(only).split(","):
         if "-" in part.strip("-"):
             first, last = (get_step(p).id for p in part.split("-", 1))
+            if first > last:
+                raise ValueError(f"The range {part.strip()!r} in --only runs backwards: write {last}-{first}.")
             wanted |= {s.id for s in STEPS if first <= s.id <= last}
         else:
             wanted.add(get_step(part).id)
     return [step for step in STEPS if step.id in wanted]
+
+
+def _within(path, folder):
+    return path == folder or folder in path.parents
+
+
+def _check_writable(folder):
+    """Make `folder` if needed and write a file in it; OutputError, in one sentence, where that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise output_error(folder, error) from None
+
+
+def check_out_dir(out_dir):
+    """Refuse, in one sentence, an output folder that is a file, can't be written, or would write among the course's
+    own notebooks."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file: give a folder for the run, a new one or one of an earlier run.")
+    course = NOTEBOOKS_DIR.resolve()
+    if _within((out_dir / "notebooks").resolve(), course) or _within(out_dir, course):
+        raise ValueError(
+            f"--out {out_dir} would put executed notebooks among the course's own in {course}: "
+            "give the run a folder of its own, e.g. outputs/run."
+        )
+    _check_writable(out_dir)
 
 
 def run_series(params, out_dir, only=None, progress=True, inductor_cache=None):
@@ -73,81 +167,228 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None):
 
     out_dir = Path(out_dir).resolve()
     steps = select_steps(only)
+    check_out_dir(out_dir)
+    if inductor_cache is not None:
+        _check_writable(Path(inductor_cache).resolve())
     model = check_model(resolve_model(params.model))  # prints which model "auto" chose, and why
     if params.model != "auto":
         print(f"Model: {model}.")
-    download(model)  # once, with a progress bar, before notebook 01: every notebook then loads from disk
-    (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
-    params = Params(**{**params.to_dict(), "model": model, "out_dir": "."})
     statuses = []
-    with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
-        caches = {step.id: Path(inductor_cache or Path(fresh) / step.id).resolve() for step in steps}
-        _run_notebooks(steps, params, out_dir, caches, progress, statuses)
-    if any(status == "ok" for _, status in statuses):
-        chart = chart_from_dir(out_dir)
-        print(f"Chart: {chart}")
+    with _sigterm_as_interrupt():
+        download(model)  # once, with a progress bar, before notebook 01: every notebook then loads from disk
+        # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
+        params = Params(**{**params.to_dict(), "model": model, "out_dir": "."})
+        with _run_folder() as folder:
+            caches = {s.id: Path(inductor_cache).resolve() if inductor_cache else folder / "inductor" / s.id
+                      for s in steps}
+            _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses)
+        if any(status == "ok" for _, status in statuses):
+            chart = chart_from_dir(out_dir)
+            print(f"Chart: {chart}")
     return statuses
 
 
-def _run_notebooks(steps, params, out_dir, caches, progress, statuses):
+@contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated where the run is, instead of ending the process on the spot."""
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread, where only the main thread may handle signals
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _run_folder():
+    """A new private folder for this run's temporary files, removed at the end.
+
+    A lock held on it while the run lives tells a later run whether it was abandoned: a killed process's lock is
+    released by the system."""
+    _remove_abandoned_run_folders()
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=RUN_FOLDER_PREFIX))
+    except OSError as error:
+        raise OutputError(
+            f"Can't make the run's temporary folder in {tempfile.gettempdir()} ({error.strerror or error}): free some "
+            "space there, or point TMPDIR at a folder you can write."
+        ) from None
+    try:
+        with open(folder / "lock.new", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            os.rename(folder / "lock.new", folder / "lock")  # seen by others only once locked: never taken for dead
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_abandoned_run_folders():
+    """Remove the run folders of runs that were killed: theirs is the only kind whose lock can be taken."""
+    for folder in Path(tempfile.gettempdir()).glob(RUN_FOLDER_PREFIX + "*"):
+        try:
+            with open(folder / "lock") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # a live run's, another user's, still being set up, or removed by someone else just now
+            continue
+
+
+def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
     """Execute each notebook in its own kernel, with the Inductor cache folder `caches` gives its step."""
     import papermill
 
-    IpcKernelManager = _ipc_kernel_manager()
+    kernels = []
+    manager = _ipc_kernel_manager(folder, kernels)
     for step in steps:
         print(f"== {step.id} {step.title} ({step.notebook})", flush=True)
+        executed = None
         try:
-            with _environment({"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id])}):
-                papermill.execute_notebook(
-                    NOTEBOOKS_DIR / step.notebook,
-                    out_dir / "notebooks" / step.notebook,
-                    parameters=cell_names(params),
-                    cwd=out_dir,
-                    progress_bar=progress,
-                    kernel_name="python3",
-                    kernel_manager_class=IpcKernelManager,
-                )
-            _relative_paths(out_dir / "notebooks" / step.notebook)
+            executed = _new_notebook(out_dir, step)
+            notebook = executed.relative_to(out_dir).as_posix()
+            env = {"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id]), EXECUTED_NOTEBOOK_ENV: notebook}
+            _execute(step, executed, params, out_dir, env, manager, kernels, progress)
             statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
-            _relative_paths(out_dir / "notebooks" / step.notebook)
-            if is_out_of_memory(error.ename, error.evalue):
-                print(f"{step.id}: {OOM_ADVICE}; going on with the next notebook.")
-                append_record(out_dir, _failure_record(step, params, "out_of_memory", OOM_ADVICE))
-                statuses.append((step.id, "out_of_memory"))
-                continue
-            if error.ename == "StepUnavailable":
-                print(f"{step.id}: skipped: {error.evalue}")
-                append_record(out_dir, _failure_record(step, params, "skipped", error.evalue))
-                statuses.append((step.id, "skipped"))
-                continue
-            raise RunFailed(
-                f"{step.notebook} failed in cell [{error.exec_count or error.cell_index}]: {error.ename}: "
-                f"{error.evalue.strip().splitlines()[0] if error.evalue.strip() else ''} "
-                f"(the executed notebook is {Path('notebooks') / step.notebook} in {out_dir.name})"
-            ) from None
+            statuses.append((step.id, _recorded_failure(step, error, params, out_dir, notebook)))
+        except RuntimeError as error:  # nbclient's DeadKernelError, or jupyter_client's on a kernel that won't start
+            raise _kernel_failure(step, error, folder, notebook) from None
+        except KeyboardInterrupt as interrupt:
+            raise RunStopped(*_stopped(step, executed, out_dir, statuses, interrupt)) from None
 
 
-def _relative_paths(executed):
-    """papermill records where it read and wrote the notebook; keep those paths free of this machine's folders."""
+def _kernel_failure(step, error, folder, notebook):
+    """RunFailed, in one sentence, for a kernel that died or did not start; `error` itself for any other."""
+    from nbclient.exceptions import DeadKernelError
+
+    if isinstance(error, DeadKernelError):
+        return RunFailed(
+            f"The kernel running {step.notebook} died{_kernel_said(folder)}; most often the machine ran out of "
+            f"memory: use a smaller --height/--width, or close other programs (the executed notebook is {notebook})."
+        )
+    if str(error).startswith("Kernel"):  # "Kernel died before replying to kernel_info", "Kernel didn't respond"
+        return RunFailed(
+            f"The kernel for {step.notebook} did not start ({error}{_kernel_said(folder)}): check this "
+            "environment's Jupyter kernel with `python -m ipykernel_launcher --help`, or set it up again."
+        )
+    return error
+
+
+def _kernel_said(folder):
+    """'; the kernel's last words: ...' from the newest kernel log in `folder`, or '' where it logged nothing."""
+    logs = sorted(folder.glob("kernel-*.log"), key=lambda path: path.stat().st_mtime)
+    lines = logs[-1].read_text(errors="replace").strip().splitlines() if logs else []
+    return f"; the kernel's last words: {lines[-1].strip()}" if lines else ""
+
+
+def _new_notebook(out_dir, step):
+    """A new, empty file in `<out_dir>/notebooks` for the step's executed notebook: its own name, never another's."""
+    try:
+        return new_file(out_dir / "notebooks", Path(step.notebook).stem, ".ipynb")
+    except OSError as error:
+        raise output_error(out_dir / "notebooks", error) from None
+
+
+def _execute(step, executed, params, out_dir, env, manager, kernels, progress):
+    import papermill
+
+    try:
+        with _environment(env):
+            papermill.execute_notebook(
+                NOTEBOOKS_DIR / step.notebook,
+                executed,
+                parameters=cell_names(params),
+                cwd=out_dir,
+                progress_bar=progress,
+                kernel_name="python3",
+                kernel_manager_class=manager,
+            )
+    except OSError as error:  # papermill could not write the executed notebook
+        if isinstance(error, OutputError) or error.errno not in WRITE_ERRNOS:
+            raise
+        raise output_error(executed, error) from None
+    finally:
+        _stop_kernels(kernels)
+        _tidy(executed, step, out_dir)
+
+
+def _stop_kernels(kernels):
+    """End each kernel still running (an interrupted papermill leaves its kernel busy), its child processes too."""
+    for manager in kernels:
+        process = getattr(manager.provisioner, "process", None)
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the kernel leads a session of its own
+            except OSError:
+                process.kill()
+            process.wait()
+    kernels.clear()
+
+
+def _tidy(executed, step, out_dir):
+    """Keep the executed notebook free of this machine's paths; remove it where what was written can't be read (the
+    disk filled up mid-write, say), rather than leave an empty or broken file."""
     import nbformat
 
-    notebook = nbformat.read(executed, as_version=4)
+    try:
+        notebook = nbformat.read(executed, as_version=4)
+    except (OSError, ValueError):
+        executed.unlink(missing_ok=True)
+        return
     paths = notebook.metadata.get("papermill", {})
-    for key in ("input_path", "output_path"):
+    for key, relative in (("input_path", f"notebooks/{step.notebook}"),
+                          ("output_path", executed.relative_to(out_dir).as_posix())):
         if paths.get(key):
-            paths[key] = f"notebooks/{Path(paths[key]).name}"
-    nbformat.write(notebook, executed)
+            paths[key] = relative
+    try:
+        write_atomically(executed, lambda f: f.write(nbformat.writes(notebook).encode()))
+    except OutputError:
+        pass  # the notebook stays as papermill wrote it, whole; the error that matters is raised elsewhere
 
 
-def _failure_record(step, params, status, note):
+def _recorded_failure(step, error, params, out_dir, notebook):
+    """Record an out-of-memory or unavailable step and return its status; raise for any other failure."""
+    if is_out_of_memory(error.ename, error.evalue):
+        advice = _out_of_memory_advice(error.ename, error.evalue)
+        print(f"{step.id}: {advice}; going on with the next notebook.")
+        append_record(out_dir, _failure_record(step, params, "out_of_memory", advice, notebook))
+        return "out_of_memory"
+    if error.ename == "StepUnavailable":
+        print(f"{step.id}: skipped: {error.evalue}")
+        append_record(out_dir, _failure_record(step, params, "skipped", error.evalue, notebook))
+        return "skipped"
+    if error.ename == "OutputError":  # a write inside the notebook failed: its sentence says it all
+        raise OutputError(error.evalue)
+    first_line = error.evalue.strip().splitlines()[0] if error.evalue.strip() else ""
+    raise RunFailed(
+        f"{step.notebook} failed in cell [{error.exec_count or error.cell_index}]: {error.ename}: {first_line} "
+        f"(the executed notebook is {notebook} in {out_dir.name})"
+    )
+
+
+def _stopped(step, executed, out_dir, statuses, interrupt):
+    """The one line that says which notebook an interrupt stopped and what was kept, and the exit status."""
+    how, code = interrupt_name_and_code(interrupt)
+    done = [step_id for step_id, status in statuses if status == "ok"]
+    finished = f"steps {', '.join(done)} finished; " if done else ""
+    shown = f"; {executed.relative_to(out_dir)} shows how far it got" if executed and executed.exists() else ""
+    kept = f"what this run recorded stays in {out_dir / 'results.json'}"
+    return f"Stopped {step.notebook} ({how}): {finished}{kept}{shown}.", code
+
+
+def _failure_record(step, params, status, note, notebook):
     import torch
 
     from .models import low_precision_dtype
 
     dtype = low_precision_dtype(verbose=False) if step.settings.low_precision else torch.float32
-    return make_record(step.id, None, params, dtype=dtype, status=status, note=note)
+    return make_record(step.id, None, params, dtype=dtype, status=status, note=note, extra={"notebook": notebook})
 
 
 class _environment:

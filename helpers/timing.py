@@ -6,6 +6,7 @@ caches warm up, is timed and reported on its own, never mixed into the steady-st
 GPU memory, which holds compilation's autotuning and CUDA-graph recording.
 """
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -86,15 +87,26 @@ class Measurement:
         return text
 
 
+def _check_arguments(fn, warmup, runs):
+    """Refuse, in one sentence, what `benchmark` would time wrongly or fail on half-way."""
+    if not callable(fn):
+        raise TypeError(f"benchmark needs a function to call, got {fn!r}.")
+    if inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"benchmark needs a plain function: {getattr(fn, '__name__', fn)!r} is a generator or async function, "
+            "whose call only creates an object and does none of the work; time a function that does the work."
+        )
+    for name, value, least in (("runs", runs, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be a whole number of {least} or more, got {value!r}.")
+
+
 def benchmark(fn, warmup=1, runs=5, progress=True, description="timing"):
     """Call `fn` once (timed alone as `first_call_s`), `warmup` more times untimed, then `runs` timed times.
 
     Returns a Measurement; its `output` is what the last call of `fn` returned.
     """
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got {runs}.")
-    if warmup < 0:
-        raise ValueError(f"warmup must be 0 or more, got {warmup}.")
+    _check_arguments(fn, warmup, runs)
     reset_peak_memory()
     bar = tqdm(total=1 + warmup + runs, desc=description, disable=not progress, leave=False)
 

@@ -198,3 +198,15 @@ def test_a_noisy_step_is_marked_on_its_bar():
     latency = axes_titled(draw_chart(records), "Latency")
     marked = [text.get_text() for text in latency.texts if "NOISY" in text.get_text()]
     assert len(marked) == 1 and marked[0].startswith(f"{H100_MEDIANS['05']:.2f} s")
+
+
+def test_records_it_cant_draw_are_left_out_with_a_line_each(capsys):
+    records = [record(step, H100, median) for step, median in H100_MEDIANS.items()]
+    records[1] = {k: v for k, v in records[1].items() if k != "device"}
+    records[2]["median_s"] = 0
+    latency = axes_titled(draw_chart(records), "Latency")
+    assert len(bars_named(latency, H100)) == len(H100_MEDIANS) - 2
+    assert capsys.readouterr().out.splitlines() == [
+        "Skipped record 2 (step 02) of these records: device is null, not a name.",
+        "Skipped record 3 (step 03) of these records: median_s is 0, not a positive number.",
+    ]

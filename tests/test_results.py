@@ -5,7 +5,16 @@ import pytest
 
 from helpers.models import native_size, resolve_model
 from helpers.params import Params
-from helpers.results import RESULTS_FILE, append_record, device_name, latest_records, load_records, make_record
+from helpers.results import (
+    RESULTS_FILE,
+    OutputError,
+    append_record,
+    device_name,
+    latest_records,
+    load_records,
+    make_record,
+    new_file,
+)
 from helpers.timing import Measurement
 
 
@@ -36,6 +45,11 @@ def test_append_keeps_every_record(tmp_path):
     assert latest_records(records)[0] is records[2]
 
 
+def test_images_and_notebooks_never_take_a_name_another_run_took(tmp_path):
+    made = [new_file(tmp_path, "01_baseline", ".ipynb") for _ in range(3)]
+    assert [path.name for path in made] == ["01_baseline.ipynb", "01_baseline-2.ipynb", "01_baseline-3.ipynb"]
+
+
 def _write_many(out_dir, worker):
     for i in range(15):
         append_record(out_dir, {"step": "01", "worker": worker, "i": i, "device": "x", "model": "tiny"})
@@ -51,20 +65,43 @@ def test_two_runs_writing_one_folder_lose_nothing(tmp_path):
     assert sorted((r["worker"], r["i"]) for r in records) == [(w, i) for w in range(3) for i in range(15)]
 
 
-def test_corrupt_results_file_is_kept_aside_and_reported(tmp_path, capsys):
-    (tmp_path / RESULTS_FILE).write_text('[{"step": "01", "median_s": 1.')  # cut off mid-write by a crash
-    append_record(tmp_path, measured("02", tmp_path))
-    aside = list(tmp_path.glob(RESULTS_FILE + ".corrupt-*"))
-    assert len(aside) == 1 and aside[0].read_text() == '[{"step": "01", "median_s": 1.'
-    assert [r["step"] for r in load_records(tmp_path)] == ["02"]
-    assert "could not be read" in capsys.readouterr().out
+def test_a_cut_off_results_file_is_copied_aside_before_it_is_rewritten(tmp_path, capsys):
+    whole = json.dumps([measured("01", tmp_path)], indent=1)
+    cut = whole[:-2] + ',\n {"step": "02", "median_s": 1.'  # a second record cut off mid-write by a crash
+    (tmp_path / RESULTS_FILE).write_text(cut)
+    assert [r["step"] for r in load_records(tmp_path)] == ["01"]  # reading leaves the file alone
+    assert (tmp_path / RESULTS_FILE).read_text() == cut
+    append_record(tmp_path, measured("03", tmp_path))
+    (aside,) = tmp_path.glob(RESULTS_FILE + ".corrupt-*")
+    assert aside.read_text() == cut
+    assert [r["step"] for r in load_records(tmp_path)] == ["01", "03"]
+    said = capsys.readouterr().out
+    assert "cut off or damaged after 1 complete record(s): using those, and leaving the file as it is" in said
+    assert f"cut off or damaged after 1 complete record(s); kept it as {aside.name}" in said
+
+
+def test_a_results_file_that_is_not_a_list_is_kept_too(tmp_path, capsys):
+    (tmp_path / RESULTS_FILE).write_text('{"records": "mine"}')
+    assert load_records(tmp_path) == []
+    append_record(tmp_path, measured("01", tmp_path))
+    (aside,) = tmp_path.glob(RESULTS_FILE + ".corrupt-*")
+    assert aside.read_text() == '{"records": "mine"}'
+    assert "is not a JSON list of records" in capsys.readouterr().out
+
+
+def test_appending_keeps_records_the_chart_would_skip(tmp_path, capsys):
+    append_record(tmp_path, {"step": "08", "note": "a workshop's own"})
+    append_record(tmp_path, measured("01", tmp_path))
+    assert [r["step"] for r in json.loads((tmp_path / RESULTS_FILE).read_text())] == ["08", "01"]
+    assert [r["step"] for r in load_records(tmp_path)] == ["01"]
+    assert "Skipped record 1 (step 08)" in capsys.readouterr().out
 
 
 def test_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     append_record(tmp_path, measured("01", tmp_path))
     before = (tmp_path / RESULTS_FILE).read_text()
-    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OutputError, match="No space left on device"):
         append_record(tmp_path, measured("02", tmp_path))
     assert (tmp_path / RESULTS_FILE).read_text() == before
     assert not list(tmp_path.glob("*.tmp"))

@@ -8,9 +8,19 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 import helpers.__main__ as cli
 import helpers.runner as runner
+from helpers.params import Params, cell_names
 
-PARAMETERS = new_code_cell('MODEL = "tiny"\nOUT_DIR = "."', metadata={"tags": ["parameters"]})
+# Every parameter, as the course's notebooks have them: papermill warns about each one a notebook lacks.
+PARAMETERS = new_code_cell(
+    "\n".join(f"{name} = {value!r}" for name, value in cell_names(Params(model="tiny", out_dir=".")).items()),
+    metadata={"tags": ["parameters"]},
+)
 OUT_OF_MEMORY = 'raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")'
+# What torch raises on a CPU when an allocation does not fit in memory.
+CPU_OUT_OF_MEMORY = (
+    'raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can\'t allocate memory: '
+    'you tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")'
+)
 # What torch.compile raises when the GPU runs out of memory while Inductor compiles or autotunes.
 OUT_OF_MEMORY_IN_INDUCTOR = """
 class InductorError(RuntimeError):
@@ -40,15 +50,22 @@ def test_out_of_memory_and_unavailable_steps_are_recorded_and_the_run_goes_on(tm
         "02_bfloat16.ipynb": ["import helpers", 'raise helpers.StepUnavailable("torchao is missing.")'],
         "03_sdpa.ipynb": [RECORD_A_STEP],
         "04_torch_compile.ipynb": [OUT_OF_MEMORY_IN_INDUCTOR],
+        "05_fused_qkv.ipynb": [CPU_OUT_OF_MEMORY],
+        "06_int8_dynamic.ipynb": ["raise MemoryError()"],
     })
     monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
     out = tmp_path / "out"
-    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "01-04", "--no-progress"]) == 0
+    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "01-06", "--no-progress"]) == 0
     records = json.loads((out / "results.json").read_text())
     statuses = [(r["step"], r["status"]) for r in records]
-    assert statuses == [("01", "out_of_memory"), ("02", "skipped"), ("03", "ok"), ("04", "out_of_memory")]
+    assert statuses == [("01", "out_of_memory"), ("02", "skipped"), ("03", "ok"), ("04", "out_of_memory"),
+                        ("05", "out_of_memory"), ("06", "out_of_memory")]
     assert "smaller --height/--width" in records[0]["note"] and records[0]["median_s"] is None
+    assert "GPU" in records[0]["note"] and "GPU" in records[3]["note"]
+    for cpu in records[4:]:  # out of CPU memory: the same record and advice, less the GPU
+        assert "smaller --height/--width" in cpu["note"] and "close other programs" in cpu["note"]
     assert "torchao is missing" in records[1]["note"]
+    assert [r["notebook"] for r in records] == [f"notebooks/{s.notebook}" for s in runner.select_steps("01-06")]
     assert (out / "latency_per_step.png").stat().st_size > 10_000
     assert "going on with the next notebook" in capsys.readouterr().out
 
@@ -74,3 +91,15 @@ def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path, mon
                                             ("sdpa,baseline", ["01", "03"]), (None, [f"0{i}" for i in range(1, 8)])])
 def test_step_selection_keeps_course_order(only, expected):
     assert [s.id for s in runner.select_steps(only)] == expected
+
+
+def test_a_kernel_that_dies_stops_the_run_in_one_sentence(tmp_path, monkeypatch, capsys):
+    """As when the system ends the kernel for taking too much memory."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    stand_in_notebooks(notebooks, {"01_baseline.ipynb": ["import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"]})
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    assert cli.main(["run", "--model", "tiny", "--out", str(tmp_path / "out"), "--only", "01", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: The kernel running 01_baseline.ipynb died; most often the machine ran out of memory")
+    assert "\n" not in err

@@ -28,10 +28,36 @@ def test_device_is_synchronised_around_every_timed_call(monkeypatch):
     assert events == ["sync", "call", "sync", "call", "sync", "call", "sync", "sync", "call", "sync"]
 
 
-@pytest.mark.parametrize("runs, warmup", [(0, 1), (3, -1)])
+@pytest.mark.parametrize("runs, warmup", [(0, 1), (3, -1), (2.5, 1), (True, 1), ("3", 1), (3, 1.0), (3, False)])
 def test_bad_counts_are_refused(runs, warmup):
-    with pytest.raises(ValueError, match="must be"):
+    with pytest.raises(ValueError, match="must be a whole number of [01] or more, got") as error:
         benchmark(lambda: None, warmup=warmup, runs=runs, progress=False)
+    assert "\n" not in str(error.value)
+
+
+def _frames():
+    yield 1
+
+
+async def _image():
+    return 1
+
+
+async def _stream():
+    yield 1
+
+
+@pytest.mark.parametrize("fn", [_frames, _image, _stream], ids=["generator", "coroutine", "async generator"])
+def test_a_function_that_only_makes_a_generator_or_coroutine_is_refused(fn):
+    """Calling it does none of the work, so every sample would be about 0 s."""
+    with pytest.raises(TypeError, match="is a generator or async function") as error:
+        benchmark(fn, progress=False)
+    assert "\n" not in str(error.value)
+
+
+def test_something_that_cant_be_called_is_refused():
+    with pytest.raises(TypeError, match="benchmark needs a function to call, got 3"):
+        benchmark(3, progress=False)
 
 
 def test_first_call_peak_memory_is_kept_apart_from_the_steady_peak(monkeypatch):
