@@ -1,0 +1,187 @@
+"""Appendix 09 (throughput per batch size) and scripts/generate_many.py (prompts spread over processes), on a CPU."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+from conftest import NOTEBOOKS, ROOT, notebook_cells
+from matplotlib.figure import Figure
+from PIL import Image
+
+import helpers
+from helpers import throughput
+from helpers.params import cell_names
+
+NOTEBOOK = "09_throughput.ipynb"
+SMALL = {"MODEL": "tiny", "STEPS": 2, "HEIGHT": 64, "WIDTH": 64, "WARMUP": 1, "RUNS": 2, "OUT_DIR": ".",
+         "COMPILE_MODE": "default", "BATCH_SIZES": [1, 2, 4], "COMPILE": False}
+SCRIPT_ARGS = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--no-compile"]
+PROMPTS = ["a red fox", "a blue whale", "an owl at night", "a green frog", "a yellow cab", "a paper boat", "a kite"]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Notebook 09 executed headless on the tiny model, uncompiled (a regional compile takes minutes on 2 cores)."""
+    import papermill
+
+    out = tmp_path_factory.mktemp("throughput")
+    papermill.execute_notebook(NOTEBOOKS / NOTEBOOK, out / NOTEBOOK, parameters=SMALL, cwd=out, progress_bar=False,
+                               kernel_name="python3")
+    return out, nbformat.read(out / NOTEBOOK, as_version=4)
+
+
+def printed(nb):
+    outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
+    return "".join(o.get("text") or o.get("data", {}).get("text/plain", "") for o in outputs)
+
+
+@pytest.mark.notebooks
+def test_notebook_records_every_batch_size_and_draws_the_chart(executed):
+    out, nb = executed
+    records = json.loads((out / throughput.THROUGHPUT_DIR / "results.json").read_text())
+    assert [r["batch_size"] for r in records] == [1, 2, 4]
+    for record in records:
+        assert record["images_per_s"] > 0 and record["s_per_image"] * record["images_per_s"] == pytest.approx(1)
+        assert record["median_s"] > 0 and len(record["samples_s"]) == 2 and record["first_call_s"] > 0
+        assert (record["model"], record["height"], record["width"]) == ("tiny", 64, 64)
+        assert record["device"] and record["versions"]["torch"] and record["graphs_compiled"] == 0
+    chart = out / throughput.THROUGHPUT_DIR / throughput.CHART_FILE
+    assert chart.stat().st_size > 10_000 and Image.open(chart).size[0] > 600
+    text = printed(nb)
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert "batch 4: " in text and "largest pixel difference" in text and "COMPILE = False" in text
+
+
+def test_notebook_parameters_cell_is_the_courses_plus_batch_sizes():
+    (cell,) = notebook_cells(NOTEBOOK, "parameters")
+    written = {}
+    exec(cell, {}, written)
+    assert written == {**cell_names(), "BATCH_SIZES": [1, 2, 4], "COMPILE": True}
+    nb = nbformat.read(NOTEBOOKS / NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []) and not any(c.outputs or c.execution_count for c in code)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = helpers.Params(model="tiny", steps=2, height=64, width=64, warmup=0, runs=2)
+    return helpers.build("tiny", through="07", compile=False, verbose=False), params
+
+
+def test_notebooks_batch_call_is_generate_batch(tiny):
+    pipe, params = tiny
+    (cell,) = notebook_cells(NOTEBOOK, "batch-call")
+    namespace = {"pipe": pipe, "params": params, "helpers": helpers, "torch": torch}
+    exec(cell, namespace)
+    inline = namespace["make_batch"](2)
+    helper = throughput.generate_batch(pipe, params, [params.prompt] * 2)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(inline, helper))
+    assert not np.array_equal(np.asarray(inline[0]), np.asarray(inline[1]))  # a seed per image
+
+
+def test_measure_batch_counts_the_graphs_each_batch_size_compiles(tiny):
+    pipe, params = tiny
+    original = pipe.vae.decode
+    # Dynamo alone (no Inductor) counts graphs as a compile does, in a second instead of minutes.
+    pipe.vae.decode = torch.compile(original, backend="eager", dynamic=False)
+    try:
+        first, second, again = (throughput.measure_batch(pipe, params, size, progress=False) for size in (1, 2, 1))
+    finally:
+        pipe.vae.decode = original
+    assert first["graphs_compiled"] >= 1 and second["graphs_compiled"] >= 1 and again["graphs_compiled"] == 0
+    assert all(r["graphs_compiled_later"] == 0 for r in (first, second, again))
+    assert first["compiled"]["vae.decode"]["dynamic"] is False
+    assert second["images_per_s"] == pytest.approx(2 / second["median_s"])
+
+
+@pytest.mark.parametrize("size", [0, 2.0, "4", True])
+def test_a_batch_size_that_cannot_work_is_one_sentence(tiny, size):
+    pipe, params = tiny
+    with pytest.raises(ValueError, match=r"^A batch size must be a whole number of 1 or more .*\.$"):
+        throughput.measure_batch(pipe, params, size)
+
+
+def test_chart_is_a_plain_figure_saved_atomically(tmp_path):
+    records = [{"batch_size": b, "median_s": 0.1 * b ** 0.5, "iqr_s": 0.01, "images_per_s": b / (0.1 * b ** 0.5),
+                "peak_memory_gb": None, "device": "CPU", "model": "tiny", "width": 64, "height": 64,
+                "params": {"steps": 2}} for b in (4, 1, 2)]
+    path = tmp_path / throughput.CHART_FILE
+    fig = throughput.draw_latency_throughput(records, path)
+    assert isinstance(fig, Figure) and fig.canvas.manager is None  # not registered with pyplot
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels == ["batch 1", "batch 2", "batch 4"]
+    assert Image.open(path).size[0] > 600 and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="measure at least one batch size"):
+        throughput.draw_latency_throughput([])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher, args, out, env=None):
+    """scripts/generate_many.py in two CPU processes over gloo, by torchrun or accelerate launch."""
+    bin_dir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        command = [bin_dir / "torchrun", "--standalone", "--nproc_per_node", "2"]
+    else:
+        command = [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    return subprocess.run(
+        [*map(str, command), "scripts/generate_many.py", *SCRIPT_ARGS, *args, "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=240,
+    )
+
+
+def test_two_processes_make_every_prompt_exactly_once(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    out = tmp_path / "many"
+    proc = launch("torchrun", ["--prompts", str(prompts), "--batch-size", "2"], out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "results.json").read_text())
+    assert sorted(r["prompt_index"] for r in records) == list(range(len(PROMPTS)))
+    assert all(r["prompt"] == PROMPTS[r["prompt_index"]] and r["seed"] == r["prompt_index"] for r in records)
+    ranks = {r["prompt_index"]: r["rank"] for r in records}
+    assert ranks == {0: 0, 1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}  # split_between_processes: 4 and 3
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:05d}.png" for i in range(len(PROMPTS))]
+    assert all((out / r["image"]).is_file() for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], summary["processes"], summary["failures"]) == (7, 2, [])
+    assert summary["images_per_s"] > 0 and summary["images_per_s_generating"] > summary["images_per_s"]
+    assert "7 of 7 images made by 2 process(es)" in proc.stdout
+
+
+def test_a_failing_process_is_named_and_the_job_fails(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:4] + ["BOOM goes rank 1"] + PROMPTS[4:5]) + "\n")
+    out = tmp_path / "many"
+    proc = launch("accelerate", ["--prompts", str(prompts)], out, env={"GENERATE_MANY_FAIL_ON": "BOOM"})
+    assert proc.returncode != 0
+    line = f"rank 1 on {socket.gethostname()} failed: RuntimeError: a prompt holds 'BOOM'"
+    assert line in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Rank 0 made its three, rank 1 the one before the failing prompt: nothing made is lost.
+    records = json.loads((out / "results.json").read_text())
+    assert sorted((r["prompt_index"], r["rank"]) for r in records) == [(0, 0), (1, 0), (2, 0), (3, 1)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["failures"]) == 1 and summary["failures"][0].startswith("rank 1 on ")
+
+
+def test_a_prompts_file_without_prompts_is_refused_in_one_sentence(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    proc = subprocess.run(
+        [sys.executable, "scripts/generate_many.py", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "one prompt per line" in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
