@@ -70,7 +70,7 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     print(f"{step.id} {step.title} on {record['device']}: {measurement}")
     if record.get("tflops_per_s"):
         fraction = record.get("peak_fraction")
-        peak = f", {100 * fraction:.0f}% of the measured matmul peak" if fraction else ""
+        peak = f", {100 * fraction:.0f}% of the {record['peak_source']} peak" if fraction else ""
         rate = record["tflops_per_s"]
         rate = f"{rate:.1f} TFLOP/s" if rate >= 0.1 else f"{rate * 1e3:.2f} GFLOP/s"
         print(f"   {rate} of matmul, convolution and attention{peak}")
