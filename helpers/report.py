@@ -6,6 +6,8 @@ from PIL import Image
 
 from .flops import efficiency, image_flops, peak_tflops
 from .images import describe_quality, image_size, quality, save_image
+from .ladder import matmul_autotuning
+from .models import default_device
 from .results import append_record, device_name, load_records, make_record
 from .steps import get_step
 
@@ -55,6 +57,13 @@ def compute_efficiency(params, median_s):
     return {"flops_per_image": flops, **efficiency(median_s, flops, peak), "peak_source": source}
 
 
+def compile_facts(step):
+    """For a compiled step: whether max-autotune autotunes matmuls on this device, and why (`matmul_autotuning`)."""
+    if step.settings.compile == "off":
+        return {}
+    return {"matmul_autotuning": matmul_autotuning(default_device())}
+
+
 def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     """Save the step's image and its record (with quality against the baseline); print a one-line summary."""
     step = get_step(step)
@@ -64,7 +73,7 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
     record = make_record(
         step.id, measurement, params, dtype=dtype, image_file=image_file, quality=scores, note=note,
         baseline_file=baseline_file if scores is not None else None,
-        extra={**compute_efficiency(params, measurement.median_s), **(extra or {})},
+        extra={**compute_efficiency(params, measurement.median_s), **compile_facts(step), **(extra or {})},
     )
     append_record(params.out_dir, record)
     print(f"{step.id} {step.title} on {record['device']}: {measurement}")

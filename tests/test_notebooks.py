@@ -8,7 +8,7 @@ import pytest
 from conftest import FAKE_HF_TOKEN, NOTEBOOKS
 from PIL import Image
 
-from helpers import STEPS, low_precision_dtype
+from helpers import STEPS, get_step, low_precision_dtype
 from helpers.results import device_name
 
 pytestmark = pytest.mark.notebooks
@@ -24,6 +24,8 @@ def test_every_step_has_a_measured_record(series):
         assert (record["model"], record["height"], record["width"], record["params"]["steps"]) == ("tiny", 96, 96, 2)
         assert (out / record["image"]).exists()
         assert record["tflops_per_s"] > 0
+        compiled = get_step(record["step"]).settings.compile != "off"
+        assert ("autotunes_matmuls" in record.get("matmul_autotuning", {})) is compiled
     low = str(low_precision_dtype(verbose=False)).removeprefix("torch.")
     assert [r["dtype"] for r in records] == ["float32"] + [low] * 6
 

@@ -107,7 +107,7 @@ def test_the_unet_and_the_vae_may_get_different_backends():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return helpers.load_pipeline("tiny", verbose=False)
+    return helpers.load_pipeline("tiny", device="cpu", verbose=False)  # on the CPU also where there is a GPU
 
 
 def test_cpu_run_finds_the_cpu_flash_kernel_in_the_unet_and_vae_only(tiny):

@@ -4,7 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
+
+# These tests run the scripts' CPU forms, also on a machine with a GPU (where the scripts themselves are run as they
+# are: scripts/gpu_check.sh runs the test suite there).
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def test_profile_final_step_on_the_tiny_model(tmp_path):
@@ -12,7 +17,7 @@ def test_profile_final_step_on_the_tiny_model(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/profile_final_step.py", "--model", "tiny", "--through", "03", "--height", "64",
          "--width", "64", "--steps", "2", "--warmup", "0", "--inductor-cache", str(cache), "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, env=CPU_ONLY,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -28,10 +33,11 @@ def test_profile_final_step_on_the_tiny_model(tmp_path):
     assert (out / "trace.json.gz").stat().st_size > 0
 
 
+@pytest.mark.notebooks  # slow: it runs notebooks and compiles
 def test_gpu_check_runs_end_to_end_in_its_cpu_form(tmp_path):
     """The GPU check, without a GPU: the tiny model through every check that a CPU can run, in one table."""
     out = tmp_path / "gpu-check"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**CPU_ONLY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     command = ["bash", "scripts/gpu_check.sh", str(out), "--no-pytest", "--notebooks", "01-03", "--budget-s", "1500"]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

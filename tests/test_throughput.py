@@ -138,7 +138,8 @@ def launch(launcher, args, out, env=None):
                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     return subprocess.run(
         [*map(str, command), "scripts/generate_many.py", *SCRIPT_ARGS, *args, "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=240,
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},  # the CPU form, also on a GPU machine
     )
 
 
