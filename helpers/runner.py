@@ -26,6 +26,7 @@ from .results import (
     EXECUTED_NOTEBOOK_ENV,
     OutputError,
     append_record,
+    load_records,
     make_record,
     new_file,
     output_error,
@@ -254,6 +255,7 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
             notebook = executed.relative_to(out_dir).as_posix()
             env = {"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id]), EXECUTED_NOTEBOOK_ENV: notebook}
             _execute(step, executed, params, out_dir, env, manager, kernels, progress)
+            _print_result(out_dir, notebook)
             statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
             statuses.append((step.id, _recorded_failure(step, error, params, out_dir, notebook)))
@@ -261,6 +263,17 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
             raise _kernel_failure(step, error, folder, notebook) from None
         except KeyboardInterrupt as interrupt:
             raise RunStopped(*_stopped(step, executed, out_dir, statuses, interrupt)) from None
+
+
+def _print_result(out_dir, notebook):
+    """The step's result in one line, from the record that its executed notebook wrote."""
+    records = [r for r in load_records(out_dir, quiet=True) if r.get("notebook") == notebook]
+    if records and records[-1].get("median_s"):
+        record = records[-1]
+        quality = record.get("quality") or {}
+        ssim = f", SSIM {quality['ssim']:.3f} against 01" if quality.get("ssim") is not None else ""
+        print(f"   {record['median_s']:.3f} s median (IQR {record['iqr_s']:.3f} s) on {record['device']}; "
+              f"first call {record['first_call_s']:.1f} s{ssim}", flush=True)
 
 
 def _kernel_failure(step, error, folder, notebook):

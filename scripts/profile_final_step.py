@@ -46,12 +46,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sdxl-random", help="tiny, sdxl-random, a hub id or a local folder")
     parser.add_argument("--through", default="07", help="the last step of the ladder to apply (default 07)")
-    parser.add_argument("--height", type=int, default=1024)
+    course = Params()  # the course's defaults, from their one source
+    parser.add_argument("--height", type=int, default=1024, help="pixels (default 1024, SDXL's native size)")
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first, compiling, one")
+    parser.add_argument("--steps", type=int, default=course.steps)
+    parser.add_argument("--guidance", type=float, default=course.guidance)
+    parser.add_argument("--compile-mode", default=course.compile_mode, choices=COMPILE_MODES)
+    parser.add_argument("--warmup", type=int, default=course.warmup, help="untimed calls after the first one")
     parser.add_argument(
         "--inductor-cache", metavar="DIR", default=None,
         help="Inductor's cache folder (TORCHINDUCTOR_CACHE_DIR), e.g. the one `python -m helpers run` was given",

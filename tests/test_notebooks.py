@@ -130,3 +130,14 @@ def test_notebooks_in_git_have_no_outputs_and_a_parameters_cell():
         assert not [c for c in code if c.outputs or c.execution_count], f"{path.name} has outputs: clear them"
         assert "parameters" in code[0].metadata.get("tags", []), path.name
     assert sorted(p.name for p in NOTEBOOKS.glob("0[1-7]_*.ipynb")) == [s.notebook for s in STEPS]
+
+
+def test_console_shows_each_notebook_its_result_and_no_library_noise(series):
+    from helpers.quiet import SILENCED
+
+    _, _, log = series
+    for step in STEPS:
+        assert f"== {step.id} {step.title} ({step.notebook})" in log
+    assert len(re.findall(r"^   \d+\.\d+ s median \(IQR \d+\.\d+ s\) on .+; first call", log, re.MULTILINE)) == 7
+    for text in [text for _, text in SILENCED] + ["without encryption"]:
+        assert text not in log, text
