@@ -40,7 +40,7 @@ from .models import (
 )
 from .params import Params
 from .probe import attention_kernels
-from .report import baseline_image, comparable_record, record_step
+from .recording import baseline_image, comparable_record, record_step
 from .results import append_record, latest_records, load_records, make_record
 from .steps import STEPS, StepUnavailable, get_step
 from .timing import Measurement, benchmark

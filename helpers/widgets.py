@@ -22,7 +22,7 @@ from .ladder import build, build_pipeline, require_torchao
 from .memory import free_memory
 from .models import ModelUnavailable, low_precision_dtype, native_size
 from .params import COMPILE_MODES
-from .report import baseline_image
+from .recording import baseline_image
 from .results import device_name
 from .steps import Settings, StepUnavailable, get_step
 from .timing import benchmark

@@ -14,7 +14,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 import helpers
-from helpers import report
+from helpers import recording
 from helpers.flops import efficiency, image_flops, measure_matmul_peak, peak_tflops, repeated_block_share
 from helpers.offline import parameter_counts, sdxl_random_pipeline, tiny_pipeline
 
@@ -297,12 +297,12 @@ def test_efficiency_without_a_known_peak_gives_only_the_rate():
 
 def test_records_name_the_peak_they_are_a_fraction_of(monkeypatch):
     params = helpers.Params(model="tiny", steps=4)
-    monkeypatch.setattr(report, "device_name", lambda: "NVIDIA H100 80GB HBM3")
-    on_h100 = report.compute_efficiency(params, median_s=0.5)
+    monkeypatch.setattr(recording, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    on_h100 = recording.compute_efficiency(params, median_s=0.5)
     assert on_h100["peak_source"] == "datasheet dense bf16"
     assert on_h100["peak_fraction"] == pytest.approx(on_h100["tflops_per_s"] / 989)
-    monkeypatch.setattr(report, "device_name", lambda: "CPU x86_64 (2 threads)")
-    on_cpu = report.compute_efficiency(params, median_s=0.5)
+    monkeypatch.setattr(recording, "device_name", lambda: "CPU x86_64 (2 threads)")
+    on_cpu = recording.compute_efficiency(params, median_s=0.5)
     assert on_cpu["peak_source"] is None and on_cpu["peak_fraction"] is None and on_cpu["tflops_per_s"] > 0
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 import helpers
 from helpers.images import side_by_side
 from helpers.params import Params
-from helpers.report import record_step
+from helpers.recording import record_step
 from helpers.widgets import OUT_OF_MEMORY_MESSAGE, flags_panel, playground
 
 LATENCY = re.compile(r"\d+\.\d+ s median, IQR \d+\.\d+ s, 1 runs, on .+; first call \d+\.\d+ s")
