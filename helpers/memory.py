@@ -20,11 +20,13 @@ def free_memory():
 
 
 def live_pipelines():
-    """The diffusers pipelines still alive in this process (after a collection)."""
+    """The diffusers pipelines still alive in this process (after a collection) that hold memory: not those on the
+    meta device, such as the one `helpers.flops` keeps for counting FLOPs, which are shapes without data."""
     gc.collect()
     with warnings.catch_warnings():  # isinstance on every object touches deprecated module attributes, which warn
         warnings.simplefilter("ignore")
-        return [obj for obj in gc.get_objects() if isinstance(obj, DiffusionPipeline)]
+        pipelines = [obj for obj in gc.get_objects() if isinstance(obj, DiffusionPipeline)]
+    return [pipe for pipe in pipelines if pipe.device.type != "meta"]
 
 
 def release(*panels):
