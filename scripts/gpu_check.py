@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 import helpers
-from helpers.probe import attention_backends
 from helpers.results import device_name, package_versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,14 +146,6 @@ def notebooks(out, args, timeout_s):
     return steps
 
 
-def profiled_attention(pipe, params):
-    """Attention backends in one image of an already warm pipeline, read from ops and GPU kernel names."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        helpers.generate(pipe, params)
-    return attention_backends(prof.key_averages()) or "none"
-
-
 def int8_path():
     """torchao's dynamic int8 on one SDXL-sized linear layer: which matmul ran, eager and compiled, and how close."""
     helpers.require_torchao()
@@ -191,7 +182,7 @@ def regional(args, mode):
         "first_call_s": round(measurement.first_call_s, 1),
         "median_s": round(measurement.median_s, 3),
         "iqr_s": round(measurement.iqr_s, 3),
-        "attention": profiled_attention(pipe, params),
+        "attention": helpers.attention_kernels(pipe, params) or "none",  # read from ops and GPU kernel names
     }
     if CUDA:
         found["peak_gb"] = {"steady": round(measurement.peak_memory_gb, 2),
