@@ -6,6 +6,7 @@ nothing about, each by its text (`helpers/quiet.py` lists them).
 
 from . import quiet  # first: its filters must be in place before diffusers is imported
 from .chart import chart_from_dir, draw_chart
+from .coldstart import CompileCacheMismatch, first_call_state, time_start, use_compile_cache
 from .flops import image_flops, repeated_block_share
 from .images import generate, grid, image_size, quality, side_by_side
 from .ladder import (

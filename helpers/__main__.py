@@ -1,4 +1,5 @@
-"""Command line: `python -m helpers run ...` runs the whole series; `python -m helpers chart DIR` redraws the chart."""
+"""Command line: `python -m helpers run ...` runs the whole series; `python -m helpers warm --out FILE` compiles the
+compiled steps once into a file a room can share; `python -m helpers chart DIR` redraws the chart."""
 
 import argparse
 import sys
@@ -16,11 +17,11 @@ def _option_type(annotation):
     return next((t for t in typing.get_args(annotation) if t is not type(None)), annotation)
 
 
-def add_params_options(parser):
+def add_params_options(parser, leave_out=("out_dir",)):
     """One option per field of Params (`--negative-prompt` for `negative_prompt`), its default and help from there.
     The output folder is `--out`."""
     for field in fields(Params):
-        if field.name == "out_dir":
+        if field.name in leave_out:
             continue
         default = field.default
         parser.add_argument(
@@ -43,6 +44,14 @@ def parse_args(argv):
         "--inductor-cache", default=None, metavar="DIR",
         help="share one Inductor cache folder between the notebooks: faster, but compile times are no longer cold",
     )
+
+    warm = commands.add_parser(
+        "warm", help="compile the compiled steps once and save their compile artifacts to one file for a room")
+    warm.add_argument("--out", required=True, help="the file to write, e.g. compile-cache.zip")
+    add_params_options(warm, leave_out=("out_dir", "compile_cache", "prompt", "negative_prompt", "steps", "seed",
+                                        "warmup", "runs"))
+    warm.add_argument("--only", default="04-07", help="the compiled steps to warm (default: 04-07)")
+    warm.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     chart = commands.add_parser("chart", help="redraw DIR/latency_per_step.png from DIR/results.json")
     chart.add_argument("out", help="a folder written by `run`")
@@ -72,6 +81,13 @@ def _command(args):
         from .chart import chart_from_dir
 
         print(f"Chart: {chart_from_dir(args.out)}")
+        return 0
+    if args.command == "warm":
+        from .coldstart import warm
+
+        names = {f.name for f in fields(Params)} & vars(args).keys() - {"out_dir"}
+        warm(Params(**{name: getattr(args, name) for name in names}), args.out, only=args.only,
+             progress=not args.no_progress)
         return 0
     params = Params(**{f.name: getattr(args, f.name, None) for f in fields(Params)} | {"out_dir": args.out})
     select_steps(args.only)

@@ -31,6 +31,9 @@ class Params:
     runs: int = _option(5, "timed calls")
     out_dir: str = _option("../outputs", "folder for images and results.json")
     compile_mode: str = _option("max-autotune", "torch.compile mode of the compiled steps")
+    compile_cache: str | None = _option(
+        None, "a file made by `python -m helpers warm`: its compile artifacts are loaded before the first compile"
+    )
 
     def __post_init__(self):
         for message in problems(self):
@@ -101,4 +104,8 @@ def problems(params):
         found.append(f"runs must be a whole number of 1 or more, got {params.runs!r}.")
     if params.compile_mode not in COMPILE_MODES:
         found.append(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {params.compile_mode!r}.")
+    if params.compile_cache is not None and (not isinstance(params.compile_cache, str)
+                                             or not params.compile_cache.strip()):
+        found.append("compile_cache must be the path of a file made by `python -m helpers warm`, or None, "
+                     f"got {params.compile_cache!r}.")
     return found

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .coldstart import first_call_state
 from .flops import efficiency, image_flops, peak_tflops
 from .images import describe_quality, image_size, quality, save_image
 from .ladder import matmul_autotuning
@@ -61,7 +62,7 @@ def compile_facts(step):
     """For a compiled step: whether max-autotune autotunes matmuls on this device, and why (`matmul_autotuning`)."""
     if step.settings.compile == "off":
         return {}
-    return {"matmul_autotuning": matmul_autotuning(default_device())}
+    return {"matmul_autotuning": matmul_autotuning(default_device()), "compile_cache": first_call_state()}
 
 
 def record_step(step, measurement, params, dtype, image, note=None, extra=None):
@@ -83,6 +84,11 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
         rate = record["tflops_per_s"]
         rate = f"{rate:.1f} TFLOP/s" if rate >= 0.1 else f"{rate * 1e3:.2f} GFLOP/s"
         print(f"   {rate} of matmul, convolution and attention{peak}")
+    if record.get("compile_cache"):
+        cache = record["compile_cache"]
+        source = f" from {cache['warm_from']}" if cache["warm_from"] else ""
+        print(f"   first call: {cache['first_call']}{source} ({cache['fx_graph_cache']['hits']} compiled graphs from a "
+              f"cache, {cache['fx_graph_cache']['misses']} compiled now)")
     if step.tutorial_a100_s is not None:
         print(f"   the tutorial's A100 (1024x1024, 30 steps): {step.tutorial_a100_s:.2f} s")
     if step.id != "01":

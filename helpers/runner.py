@@ -32,7 +32,7 @@ from .results import (
     output_error,
     write_atomically,
 )
-from .steps import STEPS, get_step
+from .steps import APPENDICES, STEP_IDS, STEPS, get_notebook
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 RUN_FOLDER_PREFIX = "sdxl-fast-run-"
@@ -111,21 +111,23 @@ def _out_of_memory_advice(error_name, message):
 
 
 def select_steps(only):
-    """The steps to run, in course order: all of them (`only` None), or those named in `only` ("01,03" or "4-7")."""
+    """The notebooks to run, in course order: the seven steps and the appendix 08 (`only` None), or those named in
+    `only` ("01,03", "4-7" or "08")."""
+    notebooks = STEPS + APPENDICES
     if only is None:
-        return list(STEPS)
+        return list(notebooks)
     if not str(only).strip():
         raise ValueError("--only is empty: name the steps to run, e.g. 01,03 or 04-07, or leave it out for all.")
     wanted = set()
     for part in str(only).split(","):
         if "-" in part.strip("-"):
-            first, last = (get_step(p).id for p in part.split("-", 1))
+            first, last = (get_notebook(p).id for p in part.split("-", 1))
             if first > last:
                 raise ValueError(f"The range {part.strip()!r} in --only runs backwards: write {last}-{first}.")
-            wanted |= {s.id for s in STEPS if first <= s.id <= last}
+            wanted |= {s.id for s in notebooks if first <= s.id <= last}
         else:
-            wanted.add(get_step(part).id)
-    return [step for step in STEPS if step.id in wanted]
+            wanted.add(get_notebook(part).id)
+    return [step for step in notebooks if step.id in wanted]
 
 
 def _within(path, folder):
@@ -174,19 +176,34 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None):
     model = check_model(resolve_model(params.model))  # prints which model "auto" chose, and why
     if params.model != "auto":
         print(f"Model: {model}.")
+    compile_cache = _checked_compile_cache(params, model)
     statuses = []
     with _sigterm_as_interrupt():
         download(model)  # once, with a progress bar, before notebook 01: every notebook then loads from disk
         # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
-        params = Params(**{**params.to_dict(), "model": model, "out_dir": "."})
+        params = Params(**{**params.to_dict(), "model": model, "out_dir": ".", "compile_cache": compile_cache})
         with _run_folder() as folder:
             caches = {s.id: Path(inductor_cache).resolve() if inductor_cache else folder / "inductor" / s.id
                       for s in steps}
             _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses)
-        if any(status == "ok" for _, status in statuses):
+        if any(status == "ok" and step_id in STEP_IDS for step_id, status in statuses):  # an appendix alone: no chart
             chart = chart_from_dir(out_dir)
             print(f"Chart: {chart}")
     return statuses
+
+
+def _checked_compile_cache(params, model):
+    """The compile-cache file as an absolute path (the kernels run in the output folder), once its manifest matches
+    this machine and these parameters; None where there is none. The notebooks check the model's architecture."""
+    if params.compile_cache is None:
+        return None
+    from .coldstart import check_compile_cache
+
+    path = Path(params.compile_cache).resolve()
+    manifest = check_compile_cache(path, Params(**{**params.to_dict(), "model": model}))
+    print(f"Compile cache: {path.name}, steps {', '.join(manifest['steps'])}, made on {manifest['device']} "
+          f"({manifest['made']}).")
+    return str(path)
 
 
 @contextmanager
@@ -255,7 +272,7 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
             notebook = executed.relative_to(out_dir).as_posix()
             env = {"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id]), EXECUTED_NOTEBOOK_ENV: notebook}
             _execute(step, executed, params, out_dir, env, manager, kernels, progress)
-            _print_result(out_dir, notebook)
+            _print_result(out_dir, notebook, step)
             statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
             statuses.append((step.id, _recorded_failure(step, error, params, out_dir, notebook)))
@@ -265,8 +282,15 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
             raise RunStopped(*_stopped(step, executed, out_dir, statuses, interrupt)) from None
 
 
-def _print_result(out_dir, notebook):
+def _print_result(out_dir, notebook, step):
     """The step's result in one line, from the record that its executed notebook wrote."""
+    if step in APPENDICES:
+        from .coldstart import COLD_START_DIR, summary_line
+
+        records = [r for r in load_records(out_dir / COLD_START_DIR, quiet=True) if r.get("notebook") == notebook]
+        if records:
+            print(f"   {summary_line(records)}", flush=True)
+        return
     records = [r for r in load_records(out_dir, quiet=True) if r.get("notebook") == notebook]
     if records and records[-1].get("median_s"):
         record = records[-1]
@@ -370,11 +394,13 @@ def _recorded_failure(step, error, params, out_dir, notebook):
     if is_out_of_memory(error.ename, error.evalue):
         advice = _out_of_memory_advice(error.ename, error.evalue)
         print(f"{step.id}: {advice}; going on with the next notebook.")
-        append_record(out_dir, _failure_record(step, params, "out_of_memory", advice, notebook))
+        if step in STEPS:  # an appendix adds no step to the chart
+            append_record(out_dir, _failure_record(step, params, "out_of_memory", advice, notebook))
         return "out_of_memory"
     if error.ename == "StepUnavailable":
         print(f"{step.id}: skipped: {error.evalue}")
-        append_record(out_dir, _failure_record(step, params, "skipped", error.evalue, notebook))
+        if step in STEPS:
+            append_record(out_dir, _failure_record(step, params, "skipped", error.evalue, notebook))
         return "skipped"
     if error.ename == "OutputError":  # a write inside the notebook failed: its sentence says it all
         raise OutputError(error.evalue)

@@ -59,13 +59,37 @@ STEPS = (
 STEP_IDS = tuple(step.id for step in STEPS)
 
 
-def get_step(key):
-    """The step whose id ("04"), number (4), title ("torch.compile") or notebook name ("04_torch_compile",
-    "torch_compile") is `key`."""
+
+
+@dataclass(frozen=True)
+class Appendix:
+    """A notebook after the ladder: it measures the final pipelines further, and adds no step to the chart."""
+
+    id: str
+    title: str
+    notebook: str
+
+
+# The appendices the runner runs after the seven steps (09, throughput, runs on its own: it needs batch sizes).
+APPENDICES = (Appendix("08", "cold start", "08_cold_start.ipynb"),)
+
+
+def _find(key, table):
     text = str(key).strip().lower().removesuffix(".ipynb")
-    for step in STEPS:
+    for step in table:
         notebook = step.notebook.lower().removesuffix(".ipynb")
         if text in (step.id, step.id.lstrip("0"), step.title.lower(), notebook, notebook.split("_", 1)[1]):
             return step
-    known = ", ".join(f"{s.id} ({s.title})" for s in STEPS)
+    known = ", ".join(f"{s.id} ({s.title})" for s in table)
     raise ValueError(f"Unknown step {key!r}: choose one of {known}.")
+
+
+def get_step(key):
+    """The step whose id ("04"), number (4), title ("torch.compile") or notebook name ("04_torch_compile",
+    "torch_compile") is `key`."""
+    return _find(key, STEPS)
+
+
+def get_notebook(key):
+    """A step of the ladder or an appendix the runner runs, named as `get_step` names steps."""
+    return _find(key, STEPS + APPENDICES)

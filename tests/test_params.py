@@ -45,7 +45,7 @@ def test_bad_parameter_is_one_sentence(field, value, words):
         (["--guidance", "-2"], "guidance must be"),
         (["--prompt", ""], "prompt is empty"),
         (["--runs", "0"], "runs must be"),
-        (["--only", "08"], "Unknown step '08'"),
+        (["--only", "10"], "Unknown step '10'"),
         (["--only", "quantum"], "Unknown step 'quantum'"),
         (["--only", "3-1"], "The range '3-1' in --only runs backwards: write 01-03."),
         (["--only", ""], "--only is empty"),

@@ -1,0 +1,245 @@
+"""Cold start: the compile-cache file (made, refused, used), the AOTInductor package, and appendix 08 in the series."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from conftest import ROOT, SERIES_ARGS
+from PIL import Image
+
+import helpers
+from helpers import coldstart
+from helpers.runner import select_steps
+from helpers.steps import get_step
+
+SMALL = dict(model="tiny", height=64, width=64, steps=2, compile_mode="default")
+# Run in a fresh process with an empty Inductor cache folder: `save` compiles a small function and saves the
+# compile-cache file (the tiny pipeline gives the architecture); `use` loads the file, if one is named, compiles the
+# same function and prints what Inductor's counters say about its first call.
+SCRIPT = """
+import json, sys
+import torch
+import helpers
+from helpers import coldstart
+
+action, path = sys.argv[1], sys.argv[2]
+params = helpers.Params(model="tiny", height=64, width=64, steps=2, compile_mode="default",
+                        compile_cache=path if action == "use" and path != "-" else None)
+pipe = helpers.build("tiny", through="03", verbose=False)
+if action == "use":
+    helpers.use_compile_cache(pipe, params, step="04")
+square = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T) + 1, mode="default")
+square(torch.randn(16, 16))
+if action == "save":
+    coldstart.save_compile_cache(path, params, pipe, ["04", "05"])
+print(json.dumps(coldstart.first_call_state()))
+"""
+
+
+def fresh_process(tmp_path, *args):
+    """SCRIPT in a new Python process with an empty Inductor cache folder; its last printed line, read as JSON."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{args[0]}-{os.urandom(4).hex()}")}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compile-cache")
+    path = folder / "room.zip"
+    state, _ = fresh_process(folder, "save", str(path))
+    assert state["first_call"] == "cold"
+    return path
+
+
+def small(**changes):
+    return helpers.Params(**{**SMALL, **changes})
+
+
+def test_the_file_holds_a_manifest_the_artifacts_and_the_kernels(cache_file):
+    manifest = coldstart.read_manifest(cache_file)
+    assert manifest["steps"] == ["04", "05"] and manifest["compile_mode"] == "default"
+    assert (manifest["height"], manifest["width"], manifest["unet_batch"]) == (64, 64, 2)
+    assert manifest["torch"] == torch.__version__ and manifest["device"] == helpers.results.device_name()
+    assert sum(manifest["artifacts"].values()) >= 1
+    with zipfile.ZipFile(cache_file) as archive:
+        names = archive.namelist()
+    assert coldstart.ARTIFACTS_NAME in names
+    kernels = [name for name in names if name.startswith(coldstart.KERNELS_PREFIX)]
+    assert len(kernels) == manifest["cpp_kernels"]
+    if not torch.cuda.is_available():  # on a CPU, Inductor compiled the function's C++ into a shared library
+        assert kernels and all(name.endswith(".so") for name in kernels)
+    assert coldstart.check_compile_cache(cache_file, small(), step="04") == manifest
+
+
+def test_a_matching_file_is_used_and_the_first_call_is_warm(cache_file, tmp_path):
+    warm, printed = fresh_process(tmp_path, "use", str(cache_file))
+    assert warm["first_call"] == "warm" and warm["warm_from"] == "room.zip", warm
+    assert warm["fx_graph_cache"]["misses"] == 0 and warm["fx_graph_cache"]["hits"] >= 1
+    assert "Compile cache: loaded" in printed and "from room.zip" in printed
+    cold, printed = fresh_process(tmp_path, "use", "-")
+    assert cold["first_call"] == "cold" and cold["warm_from"] is None and cold["fx_graph_cache"]["hits"] == 0
+    assert "No compile cache (COMPILE_CACHE = None)" in printed
+
+
+def rewritten(path, tmp_path, **changes):
+    """A copy of the file whose manifest says `changes`: as if made elsewhere."""
+    copy = tmp_path / path.name
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == coldstart.MANIFEST_NAME:
+                data = json.dumps({**json.loads(data), **changes})
+            target.writestr(name, data)
+    return copy
+
+
+@pytest.mark.parametrize("made_for, params, named", [
+    ({}, small(compile_mode="max-autotune"), ["compile_mode 'default'", "compile_mode 'max-autotune'"]),
+    ({}, small(height=128), ["height 64", "height 128"]),
+    ({}, small(guidance=1.0), ["unet_batch 2", "unet_batch 1"]),
+    ({"device": "NVIDIA H100 80GB HBM3"}, small(), ["device 'NVIDIA H100 80GB HBM3'"]),
+    ({"torch": "2.7.0+cu126", "triton": "3.3.0"}, small(), ["torch '2.7.0+cu126'", "triton '3.3.0'"]),
+], ids=["mode", "size", "guidance", "gpu", "versions"])
+def test_a_file_made_for_something_else_is_refused_in_one_sentence(cache_file, tmp_path, made_for, params, named):
+    path = rewritten(cache_file, tmp_path, **made_for)
+    with pytest.raises(helpers.CompileCacheMismatch) as refused:
+        coldstart.check_compile_cache(path, params)
+    message = str(refused.value)
+    assert "\n" not in message and message.endswith(".") and "python -m helpers warm" in message
+    for text in named:
+        assert text in message
+
+
+def test_a_file_for_other_steps_or_another_model_is_refused(cache_file, tmp_path):
+    with pytest.raises(helpers.CompileCacheMismatch, match="holds the compiled steps 04, 05, not 07"):
+        coldstart.check_compile_cache(cache_file, small(), step="07")
+    pipe = helpers.build("tiny", through="03", verbose=False)
+    other = rewritten(cache_file, tmp_path, architecture="0123456789ab")
+    with pytest.raises(helpers.CompileCacheMismatch, match="architecture '0123456789ab'"):
+        coldstart.check_compile_cache(other, small(), pipe=pipe)
+
+
+def test_a_refused_file_loads_nothing(cache_file, monkeypatch, capsys):
+    pipe = helpers.build("tiny", through="03", verbose=False)
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: pytest.fail("loaded a refused file"))
+    with pytest.raises(helpers.CompileCacheMismatch):
+        helpers.use_compile_cache(pipe, small(compile_mode="max-autotune", compile_cache=str(cache_file)), step="04")
+    assert "loaded" not in capsys.readouterr().out
+
+
+def test_what_is_not_a_compile_cache_file_is_refused(cache_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No compile-cache file at .*python -m helpers warm"):
+        coldstart.read_manifest(tmp_path / "missing.zip")
+    (tmp_path / "notes.zip").write_text("not a zip")
+    with pytest.raises(helpers.CompileCacheMismatch, match="is not a compile-cache file"):
+        coldstart.read_manifest(tmp_path / "notes.zip")
+    older = rewritten(cache_file, tmp_path, format=0)
+    with pytest.raises(helpers.CompileCacheMismatch, match="another version of this course"):
+        coldstart.read_manifest(older)
+    escaping = tmp_path / "escaping.zip"
+    with zipfile.ZipFile(cache_file) as source, zipfile.ZipFile(escaping, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, source.read(name))
+        target.writestr(coldstart.KERNELS_PREFIX + "../../outside.so", b"")
+    with pytest.raises(helpers.CompileCacheMismatch, match="outside the cache folder"):
+        coldstart.load_compile_cache(escaping)
+    with pytest.raises(ValueError, match="compile_cache must be the path of a file"):
+        helpers.Params(compile_cache=3)
+
+
+def run_helpers(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def test_the_runner_refuses_a_mismatched_file_before_any_notebook(cache_file, tmp_path):
+    done = run_helpers("run", "--model", "tiny", "--height", "128", "--width", "64", "--compile-mode", "default",
+                       "--only", "04", "--compile-cache", str(cache_file), "--out", str(tmp_path / "run"))
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: room.zip was made for height 64, but here it is height 128")
+    assert not (tmp_path / "run" / "notebooks").exists()
+
+
+def test_warm_refuses_steps_that_compile_nothing(tmp_path):
+    done = run_helpers("warm", "--model", "tiny", "--only", "01-03", "--out", str(tmp_path / "c.zip"))
+    assert done.returncode == 2 and "names no compiled step: choose among 04-07" in done.stderr
+    done = run_helpers("warm", "--model", "tiny", "--out", str(tmp_path))
+    assert done.returncode == 2 and "is a folder: name the file to write" in done.stderr
+
+
+def test_the_runner_runs_the_appendix_after_the_ladder():
+    assert [s.id for s in select_steps(None)] == ["01", "02", "03", "04", "05", "06", "07", "08"]
+    assert [s.notebook for s in select_steps("08")] == ["08_cold_start.ipynb"]
+    assert [s.id for s in select_steps("06-08")] == ["06", "07", "08"]
+    assert [s.id for s in select_steps("cold_start")] == ["08"]
+    with pytest.raises(ValueError, match="Unknown step"):
+        get_step("08")  # the ladder's steps only: the appendix adds no bar to the chart
+
+
+@pytest.mark.notebooks
+def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
+    """`python -m helpers warm` on the tiny model, then the runner's notebook 04 with --compile-cache, each in a
+    fresh Inductor cache folder: the record says the first call was warm, from the file."""
+    size = ["--model", "tiny", "--height", "64", "--width", "64", "--compile-mode", "default"]
+    file = tmp_path / "room.zip"
+    done = run_helpers("warm", *size, "--only", "04", "--out", str(file), "--no-progress",
+                       env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "instructor")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "04 torch.compile: compiled in" in done.stdout and f"--compile-cache {file}" in done.stdout
+    done = run_helpers("run", *size, "--steps", "2", "--warmup", "0", "--runs", "1", "--only", "04", "--no-progress",
+                       "--compile-cache", str(file), "--out", str(tmp_path / "run"),
+                       env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "attendee")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Compile cache: room.zip, steps 04, made on" in done.stdout
+    (record,) = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["compile_cache"]["first_call"] == "warm" and record["compile_cache"]["warm_from"] == "room.zip"
+    assert record["compile_cache"]["fx_graph_cache"]["misses"] == 0
+    assert record["params"]["compile_cache"] == str(file)
+
+
+@pytest.mark.notebooks
+def test_the_unet_package_makes_the_pipelines_image(tmp_path):
+    """The tiny UNet exported and compiled ahead of time, then run by the pipeline in its module's place."""
+    params = helpers.Params(**{**SMALL, "out_dir": str(tmp_path)})
+    pipe = helpers.build("tiny", through="03", compile=False, verbose=False)
+    pipe.set_progress_bar_config(disable=True)
+    eager = helpers.generate(pipe, params)
+    package = coldstart.package_unet(pipe, params, tmp_path / "unet.pt2")
+    coldstart.load_unet_package(pipe, package)
+    packaged = helpers.generate(pipe, params)
+    scores = helpers.quality(packaged, eager)
+    assert scores["psnr"] > 30, scores
+    assert (tmp_path / "unet.pt2").stat().st_size > 1_000_000
+
+
+@pytest.mark.notebooks
+def test_the_cold_start_appendix_measures_every_start(series):
+    out, _, log = series
+    records = json.loads((out / coldstart.COLD_START_DIR / "results.json").read_text())
+    cold = [r for r in records if r["way"] == "cold" and r["compile"] == "full"]
+    assert [r["compile_mode"] for r in cold] == ["default", "reduce-overhead", "max-autotune-no-cudagraphs",
+                                                 "max-autotune"]
+    for record in cold:
+        assert record["first_call"] == "cold" and record["fx_graph_cache"]["hits"] == 0
+        assert record["to_first_image_s"] > record["first_call_s"] > record["median_s"] > 0
+    by_way = {r["way"]: r for r in records if r["compile"] == "full" and r["compile_mode"] == "max-autotune"}
+    assert by_way["disk"]["first_call"] == "warm" and by_way["disk"]["warm_from"] == "Inductor's cache folder"
+    assert by_way["file"]["first_call"] == "warm" and by_way["file"]["warm_from"] == "compile-cache.zip"
+    assert by_way["package"]["first_call"] == "not compiled"
+    (regional,) = [r for r in records if r["compile"] == "regional"]
+    assert regional["first_call"] == "cold"
+    for record in records:
+        assert record["device"] and record["versions"]["torch"] and record["notebook"].startswith("notebooks/08")
+    folder = out / coldstart.COLD_START_DIR
+    for chart in ("compile_modes.png", "starts.png"):
+        assert Image.open(folder / chart).size[0] > 600
+    assert coldstart.read_manifest(folder / "compile-cache.zip")["steps"] == ["04"]
+    assert "== 08 cold start (08_cold_start.ipynb)" in log and "time to the first image (max-autotune): cold" in log
+    assert SERIES_ARGS[:2] == ["--model", "tiny"]
