@@ -34,14 +34,19 @@ class _DropMatching(logging.Filter):
         return self.text not in record.getMessage()
 
 
-# Python warnings, by the start of their text: Dynamo's note that diffusers' upsampling calls an lru_cache-wrapped
-# function (diffusers' code, traced correctly; nothing for the user to change).
-SILENCED_WARNINGS = ("Dynamo detected a call to a `functools.lru_cache`-wrapped function",)
+# Python warnings, by the start of their text and their category.
+SILENCED_WARNINGS = (
+    # Dynamo's note that diffusers' upsampling calls an lru_cache-wrapped function (diffusers' code, traced
+    # correctly; nothing for the user to change).
+    ("Dynamo detected a call to a `functools.lru_cache`-wrapped function", UserWarning),
+    # torch.export's own pytree code, unpickling a spec the deprecated way (notebook 08's AOTInductor package).
+    ("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning),
+)
 
 
 def silence_known_warnings():
-    for text in SILENCED_WARNINGS:
-        warnings.filterwarnings("ignore", message=re.escape(text), category=UserWarning)
+    for text, category in SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(text), category=category)
     for logger_name, text in SILENCED:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, _DropMatching) and f.text == text for f in logger.filters):

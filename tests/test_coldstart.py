@@ -215,7 +215,7 @@ def test_the_unet_package_makes_the_pipelines_image(tmp_path):
     coldstart.load_unet_package(pipe, package)
     packaged = helpers.generate(pipe, params)
     scores = helpers.quality(packaged, eager)
-    assert scores["psnr"] > 30, scores
+    assert scores["ssim"] > 0.95 and scores["max_abs_diff"] < 0.2, scores  # bfloat16, another order of the sums
     assert (tmp_path / "unet.pt2").stat().st_size > 1_000_000
 
 
@@ -229,10 +229,10 @@ def test_the_cold_start_appendix_measures_every_start(series):
     for record in cold:
         assert record["first_call"] == "cold" and record["fx_graph_cache"]["hits"] == 0
         assert record["to_first_image_s"] > record["first_call_s"] > record["median_s"] > 0
-    by_way = {r["way"]: r for r in records if r["compile"] == "full" and r["compile_mode"] == "max-autotune"}
+    by_way = {r["way"]: r for r in records if r["compile"] != "regional" and r["compile_mode"] == "max-autotune"}
     assert by_way["disk"]["first_call"] == "warm" and by_way["disk"]["warm_from"] == "Inductor's cache folder"
     assert by_way["file"]["first_call"] == "warm" and by_way["file"]["warm_from"] == "compile-cache.zip"
-    assert by_way["package"]["first_call"] == "not compiled"
+    assert by_way["package"]["first_call"] == "not compiled" and by_way["package"]["compile"] == "aot"
     (regional,) = [r for r in records if r["compile"] == "regional"]
     assert regional["first_call"] == "cold"
     for record in records:

@@ -89,6 +89,7 @@ EXPECTED_LINES = {
     "02": [r"low precision: torch\.(bfloat16|float16)", r"Released: no pipeline left alive"],
     "03": [r"calls in a one-step image", r"Released: no pipeline left alive"],
     "04": [r"compile \(first call\)", r"max-autotune autotunes matmuls here: (True|False)",
+           r"No compile cache \(COMPILE_CACHE = None\)", r"first call: cold \(0 compiled graphs from a cache",
            r"Released: no pipeline left alive"],
     "05": [r"attention layers of the UNet now have fused projections", r"M parameters of unused unfused projections",
            r"Released: no pipeline left alive"],
