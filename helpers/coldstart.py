@@ -452,6 +452,13 @@ def record_start(params, result):
     return record
 
 
+def load_start_records(out_dir):
+    """The records of `<out_dir>/cold_start/results.json`, oldest first ([] where there is none)."""
+    from .results import RESULTS_FILE, _read
+
+    return _read(Path(out_dir) / COLD_START_DIR / RESULTS_FILE)[0]
+
+
 def describe_start(result):
     """'cold, full compile, max-autotune: 61.2 s to the first image (...), then 0.084 s per image (...)'."""
     phases = ", ".join(f"{label} {result[key]:.1f} s" for key, label in PHASES)
@@ -485,7 +492,7 @@ def draw_compile_modes(records, path=None):
         values = [r[key] for r in records]
         errors = [r["iqr_s"] / 2 for r in records] if key == "median_s" else None
         bars = axis.barh(modes, values, xerr=errors, color="#4c72b0" if key == "median_s" else "#dd8452")
-        axis.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3)
+        axis.bar_label(bars, labels=[f"{v:.3f}" if key == "median_s" else f"{v:.1f}" for v in values], padding=3)
         axis.set_title(title)
         axis.margins(x=0.25)
     first.invert_yaxis()

@@ -285,9 +285,9 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
 def _print_result(out_dir, notebook, step):
     """The step's result in one line, from the record that its executed notebook wrote."""
     if step in APPENDICES:
-        from .coldstart import COLD_START_DIR, summary_line
+        from .coldstart import load_start_records, summary_line
 
-        records = [r for r in load_records(out_dir / COLD_START_DIR, quiet=True) if r.get("notebook") == notebook]
+        records = [r for r in load_start_records(out_dir) if r.get("notebook") == notebook]
         if records:
             print(f"   {summary_line(records)}", flush=True)
         return

@@ -243,3 +243,15 @@ def test_the_cold_start_appendix_measures_every_start(series):
     assert coldstart.read_manifest(folder / "compile-cache.zip")["steps"] == ["04"]
     assert "== 08 cold start (08_cold_start.ipynb)" in log and "time to the first image (max-autotune): cold" in log
     assert SERIES_ARGS[:2] == ["--model", "tiny"]
+
+
+def test_the_appendix_parameters_cell_is_the_courses_plus_the_modes():
+    from conftest import notebook_cells
+
+    from helpers.params import COMPILE_MODES, cell_names
+
+    (cell,) = notebook_cells("08_cold_start.ipynb", "parameters")
+    written = {}
+    exec(cell, {}, written)
+    modes = written.pop("COMPILE_MODES")
+    assert written == cell_names() and sorted(modes) == sorted(COMPILE_MODES)
