@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from .results import OutputError, device_name, output_error, package_versions, write_atomically
+from .results import device_name, output_error, package_versions, write_atomically
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -204,7 +204,8 @@ def use_compile_cache(pipe, params, step):
     manifest = check_compile_cache(params.compile_cache, params, pipe, step)
     count = load_compile_cache(params.compile_cache)
     _loaded.update(file=str(params.compile_cache), manifest=manifest)
-    print(f"Compile cache: loaded {count} compile artifacts and {manifest['cpp_kernels']} C++ kernels from {Path(params.compile_cache).name} (made on "
+    print(f"Compile cache: loaded {count} compile artifacts and {manifest['cpp_kernels']} C++ kernels from "
+          f"{Path(params.compile_cache).name} (made on "
           f"{manifest['device']} with torch {manifest['torch']}, {manifest['made']}).")
     return manifest
 
@@ -234,8 +235,9 @@ def warm(params, out, only="04-07", progress=True):
     model = check_model(resolve_model(params.model))
     download(model, verbose=progress)
     params = dataclasses.replace(params, model=model, steps=2)  # two steps compile all a 30-step image does
-    with tempfile.TemporaryDirectory(prefix="inductor-warm-") as folder, _environment("TORCHINDUCTOR_CACHE_DIR", folder):
-        return _warm(params, out, steps, progress)
+    with tempfile.TemporaryDirectory(prefix="inductor-warm-") as folder:
+        with _environment("TORCHINDUCTOR_CACHE_DIR", folder):
+            return _warm(params, out, steps, progress)
 
 
 def _warm(params, out, steps, progress):
@@ -257,8 +259,9 @@ def _warm(params, out, steps, progress):
     manifest = save_compile_cache(out, params, None, [step.id for step in steps], architecture_id=fingerprint)
     size = Path(out).stat().st_size / 1e6
     print(f"Saved {sum(manifest['artifacts'].values())} compile artifacts and {manifest['cpp_kernels']} C++ kernels "
-          f"of steps {', '.join(manifest['steps'])} to {out} ({size:.1f} MB), valid on {manifest['device']} with torch {manifest['torch']}, "
-          f"{manifest['height']}x{manifest['width']}, {manifest['compile_mode']}. Attendees pass "
+          f"of steps {', '.join(manifest['steps'])} to {out} ({size:.1f} MB), valid on {manifest['device']} with "
+          f"torch {manifest['torch']}, {manifest['height']}x{manifest['width']}, {manifest['compile_mode']}. "
+          "Attendees pass "
           f"--compile-cache {out} to the runner, or set COMPILE_CACHE = {str(out)!r} in a notebook.")
     return manifest
 
