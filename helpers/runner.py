@@ -12,10 +12,12 @@ a run that was killed outright leaves it behind, and the next run removes it.
 
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import signal
 import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -206,22 +208,48 @@ def _checked_compile_cache(params, model):
     return str(path)
 
 
+# Set once Ctrl-C or SIGTERM has stopped the run: from then on the notebook's kernel is expected to die.
+_stopped_by_user = threading.Event()
+# What papermill and asyncio log when the kernel of an interrupted notebook is shut down under a cell still waiting
+# for it: noise after the run's own one line, dropped only once the user stopped the run.
+AFTER_STOP_NOISE = (("papermill", "Kernel died while waiting for execute reply"),
+                    ("asyncio", "Task exception was never retrieved"),
+                    ("asyncio", "Task was destroyed but it is pending"))
+
+
+class _DropAfterStop(logging.Filter):
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return not (_stopped_by_user.is_set() and self.text in record.getMessage())
+
+
+for _logger_name, _text in AFTER_STOP_NOISE:
+    logging.getLogger(_logger_name).addFilter(_DropAfterStop(_text))
+
+
 @contextmanager
 def _sigterm_as_interrupt():
-    """Within the block, SIGTERM raises Terminated where the run is, instead of ending the process on the spot."""
+    """Within the block, SIGTERM raises Terminated where the run is, instead of ending the process on the spot, and
+    Ctrl-C raises KeyboardInterrupt as always; both first mark the run as stopped by the user."""
 
-    def terminate(signum, frame):
-        raise Terminated()
+    def stop(signum, frame):
+        _stopped_by_user.set()
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, terminate)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, stop)
     except ValueError:  # not the main thread, where only the main thread may handle signals
-        previous = None
+        pass
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager

@@ -103,3 +103,30 @@ def test_a_kernel_that_dies_stops_the_run_in_one_sentence(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: The kernel running 01_baseline.ipynb died; most often the machine ran out of memory")
     assert "\n" not in err
+
+
+def test_once_stopped_the_dying_kernels_noise_is_dropped_and_nothing_else():
+    """After Ctrl-C, papermill and asyncio may report the kernel the runner shut down under a waiting cell: that
+    noise goes, before a stop and every other message always shows."""
+    import logging
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    for name in ("papermill", "asyncio"):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        logging.getLogger("papermill").error("Kernel died while waiting for execute reply.")
+        runner._stopped_by_user.set()
+        logging.getLogger("papermill").error("Kernel died while waiting for execute reply.")
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        logging.getLogger("papermill").error("Executing cell 3")
+    finally:
+        runner._stopped_by_user.clear()
+        for name in ("papermill", "asyncio"):
+            logging.getLogger(name).removeHandler(handler)
+    assert seen == ["Kernel died while waiting for execute reply.", "Executing cell 3"]
