@@ -13,7 +13,6 @@
   (notebook 08 compares them).
 """
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from .results import device_name, output_error, package_versions, write_atomically
+from .results import device_name, package_versions, write_atomically
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -225,7 +224,7 @@ def first_call_state():
 def warm(params, out, only="04-07", progress=True):
     """`python -m helpers warm`: compile each compiled step of `only` once and save their artifacts to `out`."""
     from .models import check_model, download, resolve_model
-    from .runner import select_steps
+    from .runner import _environment, select_steps
     from .steps import STEPS
 
     steps = [step for step in select_steps(only) if step in STEPS and step.settings.compile != "off"]
@@ -236,7 +235,7 @@ def warm(params, out, only="04-07", progress=True):
     download(model, verbose=progress)
     params = dataclasses.replace(params, model=model, steps=2)  # two steps compile all a 30-step image does
     with tempfile.TemporaryDirectory(prefix="inductor-warm-") as folder:
-        with _environment("TORCHINDUCTOR_CACHE_DIR", folder):
+        with _environment({"TORCHINDUCTOR_CACHE_DIR": folder}):
             return _warm(params, out, steps, progress)
 
 
@@ -266,28 +265,12 @@ def _warm(params, out, steps, progress):
     return manifest
 
 
-@contextlib.contextmanager
-def _environment(name, value):
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
 def _check_out_file(path):
+    from .runner import _check_writable
+
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder: name the file to write, e.g. {path / 'compile-cache.zip'}.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise output_error(path.parent, error) from None
+    _check_writable(path.parent)
 
 
 # AOTInductor: the UNet compiled ahead of time into one package.

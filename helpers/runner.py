@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .models import check_model, download, resolve_model
 from .params import Params, cell_names
+from .quiet import _DropMatching
 from .results import (
     EXECUTED_NOTEBOOK_ENV,
     OutputError,
@@ -217,13 +218,9 @@ AFTER_STOP_NOISE = (("papermill", "Kernel died while waiting for execute reply")
                     ("asyncio", "Task was destroyed but it is pending"))
 
 
-class _DropAfterStop(logging.Filter):
-    def __init__(self, text):
-        super().__init__()
-        self.text = text
-
+class _DropAfterStop(_DropMatching):
     def filter(self, record):
-        return not (_stopped_by_user.is_set() and self.text in record.getMessage())
+        return not _stopped_by_user.is_set() or super().filter(record)
 
 
 for _logger_name, _text in AFTER_STOP_NOISE:
