@@ -15,9 +15,11 @@ at 1024x1024: 74.9 % of its FLOPs run inside the 70 BasicTransformerBlocks that 
 0.27 % in the three 1x1 `conv_shortcut` convolutions of the widest level (2560 or 1920 channels in, 1280 out).
 """
 
+import json
 import re
 import statistics
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -94,8 +96,9 @@ def repeated_block_share(model="sdxl-random", height=1024, width=1024):
 
     `inside`: the share inside the repeated blocks (`unet._repeated_blocks`, the BasicTransformerBlocks), all
     that regional compilation compiles. `widest_conv_shortcut_share`: the share of the resnets' 1x1
-    `conv_shortcut` convolutions whose input and output are both at least the widest level's width, the
-    convolutions outside the blocks that step 06 turns into linear layers wide enough to quantize.
+    `conv_shortcut` convolutions whose input and output are both at least the widest level's width: convolutions
+    outside the blocks as wide as the layers step 06 quantizes, which it leaves as they are (torchao's filter takes
+    `nn.Linear` layers only; step 04's `conv_1x1_as_mm` already runs them as matmuls).
     """
     model = _architecture(model)
     unet = _meta_pipeline(model).unet
@@ -128,13 +131,42 @@ def efficiency(median_s, flops_total, peak_tflops):
 
 
 def _architecture(model):
-    """The offline model with `model`'s architecture: the real SDXL counts as "sdxl-random", its random twin."""
+    """The offline model with `model`'s architecture: the real SDXL counts as "sdxl-random", its random twin, and
+    a local folder as whichever of the two its models' configs match."""
     model = resolve_model(model, verbose=False)
     if model == SDXL_HUB_ID:
         return "sdxl-random"
-    if model not in ("tiny", "sdxl-random"):
-        raise ValueError(f"FLOPs are counted for 'tiny', 'sdxl-random' and {SDXL_HUB_ID!r}, not {model!r}.")
-    return model
+    if model in ("tiny", "sdxl-random"):
+        return model
+    folder = Path(model).expanduser()
+    for name, configs in ARCHITECTURES.items():
+        if folder.is_dir() and all(_config_matches(folder / part, config) for part, config in configs.items()):
+            return name
+    raise ValueError(
+        f"FLOPs are counted for 'tiny', 'sdxl-random', {SDXL_HUB_ID!r} and folders of their architecture, not "
+        f"{model!r}."
+    )
+
+
+ARCHITECTURES = {
+    "sdxl-random": {"unet": offline.SDXL_UNET, "vae": offline.SDXL_VAE, "text_encoder": offline.SDXL_TEXT_ENCODER,
+                    "text_encoder_2": offline.SDXL_TEXT_ENCODER_2},
+    "tiny": {"unet": offline.TINY_UNET, "vae": offline.TINY_VAE, "text_encoder": offline.TINY_TEXT_ENCODER,
+             "text_encoder_2": offline.TINY_TEXT_ENCODER_2},
+}
+
+
+def _config_matches(folder, config):
+    """Whether the model saved in `folder` has every size of `config` (lists and tuples alike)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    return all(plain(saved.get(key)) == plain(value) for key, value in config.items())
 
 
 @lru_cache(maxsize=2)

@@ -6,7 +6,6 @@ cycle collector runs: `free_memory` runs it, then hands CUDA's cached blocks bac
 """
 
 import gc
-import warnings
 
 import torch
 from diffusers import DiffusionPipeline
@@ -23,9 +22,9 @@ def live_pipelines():
     """The diffusers pipelines still alive in this process (after a collection) that hold memory: not those on the
     meta device, such as the one `helpers.flops` keeps for counting FLOPs, which are shapes without data."""
     gc.collect()
-    with warnings.catch_warnings():  # isinstance on every object touches deprecated module attributes, which warn
-        warnings.simplefilter("ignore")
-        pipelines = [obj for obj in gc.get_objects() if isinstance(obj, DiffusionPipeline)]
+    # `type`, not `isinstance`: isinstance reads `__class__`, which raises on a dead `weakref.proxy` (notebook 01
+    # holds one after loading a model from a folder); `type` reads nothing from the object.
+    pipelines = [obj for obj in gc.get_objects() if issubclass(type(obj), DiffusionPipeline)]
     return [pipe for pipe in pipelines if pipe.device.type != "meta"]
 
 

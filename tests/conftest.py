@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 # A fake token: the tests check that it never reaches an output.
 FAKE_HF_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0000"
-# Small enough for a 2-core CPU: the tiny model at 96x96, 2 denoising steps.
-SERIES_ARGS = ["--model", "tiny", "--steps", "2", "--height", "96", "--width", "96", "--warmup", "1", "--runs", "3"]
+# Small enough for a 2-core CPU: the tiny model at 96x96, 2 denoising steps (the model is added by `series`).
+SERIES_ARGS = ["--steps", "2", "--height", "96", "--width", "96", "--warmup", "1", "--runs", "3"]
 
 
 def notebook_cells(notebook, tag):
@@ -23,15 +23,26 @@ def notebook_cells(notebook, tag):
 
 
 @pytest.fixture(scope="session")
-def series(tmp_path_factory):
-    """The whole course run once headless by the README's main command, on the tiny model."""
+def tiny_folder(tmp_path_factory):
+    """The tiny model saved as a diffusers folder, so that it loads by `from_pretrained`, the way SDXL does."""
+    import helpers
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    helpers.load_pipeline("tiny", verbose=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def series(tmp_path_factory, tiny_folder):
+    """The whole course run once headless by the README's main command, on the tiny model loaded from a folder
+    by `from_pretrained`: the path users take with SDXL (the model built in memory is `--model tiny`)."""
     out = tmp_path_factory.mktemp("series")
     # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
     cache = tmp_path_factory.mktemp("inductor")
     env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", "--inductor-cache", str(cache),
-         *SERIES_ARGS],
+         "--model", str(tiny_folder), *SERIES_ARGS],
         capture_output=True, text=True, env=env, cwd=ROOT,
     )
     (out.parent / "runner.log").write_text(proc.stdout + proc.stderr)

@@ -268,6 +268,15 @@ def test_unknown_model_is_refused():
         repeated_block_share("some/other-model")
 
 
+def test_a_folder_counts_as_the_architecture_its_configs_match(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)
+    assert image_flops(str(tmp_path), 64, 64, steps=2) == image_flops("tiny", 64, 64, steps=2)
+    config = tmp_path / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"layers_per_block": 1', '"layers_per_block": 3'))
+    with pytest.raises(ValueError, match="folders of their architecture"):
+        image_flops(str(tmp_path), 64, 64)
+
+
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
     ("NVIDIA H200 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L4", 121),
