@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -291,7 +292,7 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
     manager = _ipc_kernel_manager(folder, kernels)
     for step in steps:
         print(f"== {step.id} {step.title} ({step.notebook})", flush=True)
-        executed = None
+        executed, start = None, time.monotonic()
         try:
             executed = _new_notebook(out_dir, step)
             notebook = executed.relative_to(out_dir).as_posix()
@@ -304,6 +305,8 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
         except RuntimeError as error:  # nbclient's DeadKernelError, or jupyter_client's on a kernel that won't start
             raise _kernel_failure(step, error, folder, notebook) from None
         except KeyboardInterrupt as interrupt:
+            if step in STEPS and executed is not None:  # an appendix adds no step to the chart
+                _record_stop(step, executed, params, out_dir, interrupt, time.monotonic() - start)
             raise RunStopped(*_stopped(step, executed, out_dir, statuses, interrupt)) from None
 
 
@@ -446,13 +449,48 @@ def _stopped(step, executed, out_dir, statuses, interrupt):
     return f"Stopped {step.notebook} ({how}): {finished}{kept}{shown}.", code
 
 
-def _failure_record(step, params, status, note, notebook):
+def _record_stop(step, executed, params, out_dir, interrupt, seconds):
+    """Record the step that Ctrl-C or SIGTERM (`timeout`, say) cut off: by what, after how long, in which cell.
+
+    Its status is "failed", which every reader of results.json knows; the note and `stopped` say how it ended."""
+    how, _ = interrupt_name_and_code(interrupt)
+    cell, source = _running_cell(executed)
+    where = f", in cell [{cell}] ({source})" if cell else ", before its first cell ran"
+    note = f"stopped by {how} after {seconds:.0f} s{where}"
+    stopped = {"by": how, "seconds": round(seconds, 1), "cell": cell, "cell_source": source}
+    notebook = executed.relative_to(out_dir).as_posix()
+    try:
+        append_record(out_dir, _failure_record(step, params, "failed", note, notebook, stopped=stopped))
+    except OutputError:  # a full disk, say: the stop still ends in its one line
+        pass
+
+
+def _running_cell(executed):
+    """(number, first line) of the last cell papermill started in the executed notebook, the one a stop cut off,
+    numbered as Jupyter shows it; (None, None) where none started or the notebook can't be read. (Papermill marks
+    even an interrupted cell "completed"; the cells it never reached stay "pending", without a start time.)"""
+    import nbformat
+
+    try:
+        notebook = nbformat.read(executed, as_version=4)
+    except (OSError, ValueError):
+        return None, None
+    started = [(number, cell) for number, cell in enumerate((c for c in notebook.cells if c.cell_type == "code"), 1)
+               if cell.metadata.get("papermill", {}).get("start_time")]
+    if not started:
+        return None, None
+    number, cell = started[-1]
+    return cell.get("execution_count") or number, (cell.source.strip().splitlines() or [""])[0][:100]
+
+
+def _failure_record(step, params, status, note, notebook, **extra):
     import torch
 
     from .models import low_precision_dtype
 
     dtype = low_precision_dtype(verbose=False) if step.settings.low_precision else torch.float32
-    return make_record(step.id, None, params, dtype=dtype, status=status, note=note, extra={"notebook": notebook})
+    return make_record(step.id, None, params, dtype=dtype, status=status, note=note,
+                       extra={"notebook": notebook, **extra})
 
 
 class _environment:

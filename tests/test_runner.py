@@ -1,9 +1,13 @@
 """The runner's behaviour when a notebook fails, runs out of memory or can't run, with stand-in notebooks."""
 
 import json
+import subprocess
+import sys
+import time
 
 import nbformat
 import pytest
+from conftest import ROOT
 from nbformat.v4 import new_code_cell, new_notebook
 
 import helpers.__main__ as cli
@@ -130,3 +134,40 @@ def test_once_stopped_the_dying_kernels_noise_is_dropped_and_nothing_else():
         for name in ("papermill", "asyncio"):
             logging.getLogger(name).removeHandler(handler)
     assert seen == ["Kernel died while waiting for execute reply.", "Executing cell 3"]
+
+
+def test_a_notebook_cut_off_by_sigterm_leaves_a_record_that_says_where(tmp_path):
+    """As when `timeout` ends a run that took too long: the step that was running is recorded as stopped, with the
+    cell it was in and the seconds it ran, not left out."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    busy = "import pathlib, time\npathlib.Path('busy').touch()\ntime.sleep(300)"
+    stand_in_notebooks(notebooks, {"01_baseline.ipynb": ["x = 1", busy]})
+    out = tmp_path / "out"
+    stand_in_runner = ("import sys; from pathlib import Path; import helpers.runner as runner; "
+                       "import helpers.__main__ as cli; runner.NOTEBOOKS_DIR = Path(sys.argv[1]); "
+                       "sys.exit(cli.main(sys.argv[2:]))")
+    process = subprocess.Popen(
+        [sys.executable, "-c", stand_in_runner, str(notebooks), "run", "--model", "tiny", "--out", str(out),
+         "--only", "01", "--no-progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "busy").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        time.sleep(1)
+        process.terminate()
+        _, complaint = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, complaint
+    [record] = json.loads((out / "results.json").read_text())
+    # "failed": a status every reader of results.json knows; the note and `stopped` say how.
+    assert (record["step"], record["status"], record["median_s"]) == ("01", "failed", None)
+    assert record["notebook"] == "notebooks/01_baseline.ipynb"
+    stopped = record["stopped"]
+    assert stopped["by"] == "SIGTERM" and stopped["cell"] == 4 and 1 < stopped["seconds"] < 180
+    assert stopped["cell_source"] == "import pathlib, time"
+    assert record["note"].startswith("stopped by SIGTERM after ") and "in cell [4]" in record["note"]
