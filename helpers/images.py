@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .ladder import call_with_cudagraph_fallback
 from .models import native_size
 from .results import write_new
 
@@ -17,9 +18,11 @@ def image_size(params):
 
 
 def generate(pipe, params, prompt=None):
-    """One image for `params`: same seed, same image, whatever the optimizations (up to their precision)."""
+    """One image for `params`: same seed, same image, whatever the optimizations (up to their precision).
+
+    Regions that fail under CUDA graphs are compiled again without them (`call_with_cudagraph_fallback`)."""
     height, width = image_size(params)
-    return pipe(
+    return call_with_cudagraph_fallback(pipe, lambda: pipe(
         prompt=prompt or params.prompt,
         negative_prompt=params.negative_prompt or None,
         num_inference_steps=params.steps,
@@ -27,7 +30,7 @@ def generate(pipe, params, prompt=None):
         height=height,
         width=width,
         generator=torch.Generator("cpu").manual_seed(params.seed),
-    ).images[0]
+    ).images[0])
 
 
 def save_image(image, out_dir, step_id):

@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from torch._dynamo.utils import counters
 
 from .models import load_pipeline, low_precision_dtype
 from .steps import StepUnavailable, get_step
@@ -194,6 +195,51 @@ def compile_regions(pipe, mode="max-autotune", dynamic=False):
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=dynamic)
 
 
+# What CUDA-graph trees raise when a graph's output is read after a later replay wrote over it: what
+# pytorch/pytorch#152887 reports for blocks compiled one by one and run in sequence (`z = f(f(x))`), as regions are.
+CUDAGRAPH_OVERWRITE = "overwritten by a subsequent run"
+NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+cudagraph_fallbacks = []  # the sentence said for each fallback of this process, for its records
+
+
+def compiled_blocks(pipe):
+    """The compiled functions of the regionally compiled blocks (none when the UNet isn't compiled so)."""
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    return [m._compiled_call_impl for m in unet.modules() if getattr(m, "_compiled_call_impl", None)]
+
+
+def call_with_cudagraph_fallback(pipe, call):
+    """`call()`; where regions compiled with CUDA graphs fail as in pytorch/pytorch#152887, compile them again
+    with max-autotune-no-cudagraphs, say so in one sentence, and call again."""
+    try:
+        return call()
+    except RuntimeError as error:
+        blocks = compiled_blocks(pipe)
+        options = compile_options(blocks[0]) if blocks else None
+        if CUDAGRAPH_OVERWRITE not in str(error) or not options or not options["mode_options"].get("triton.cudagraphs"):
+            raise
+        cause = str(error).strip().splitlines()[0][:160]
+        message = (f"The regions failed under CUDA graphs ({cause}; pytorch/pytorch#152887): they are compiled "
+                   f"again with {NO_CUDAGRAPHS}, and the record says so.")
+        print(message)
+        cudagraph_fallbacks.append(message)
+        torch.compiler.reset()  # the failed CUDA-graph trees and their memory pools go with the compiled code
+        pipe.unet.compile_repeated_blocks(mode=NO_CUDAGRAPHS, fullgraph=True, dynamic=options["dynamic"])
+        return call()
+
+
+def last_cudagraph_fallback():
+    """The sentence said for this process's last fallback from CUDA graphs, or None."""
+    return cudagraph_fallbacks[-1] if cudagraph_fallbacks else None
+
+
+def recompile_limit_hits():
+    """How often, in this process, Dynamo met a function at `torch._dynamo.config.recompile_limit`, from its own
+    counters: with `fullgraph=True` it then raises `FailOnRecompileLimitHit`; without, it runs the function eagerly."""
+    return sum(count for message, count in counters["unimplemented"].items()
+               if "recompile limit" in message.lower() or "recompile_limit" in message)
+
+
 def build_pipeline(model, settings, compile_mode="max-autotune", device=None, verbose=True):
     """The one builder: a pipeline with exactly `settings` (a Settings row), each in the ladder's order.
 
@@ -269,7 +315,7 @@ def pipeline_state(pipe):
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     models = {"unet": unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4]
-    compiled_blocks = [m._compiled_call_impl for m in unet.modules() if getattr(m, "_compiled_call_impl", None)]
+    blocks = compiled_blocks(pipe)
     flags = torch._inductor.config
     return {
         "dtypes": {name: str(model.dtype) for name, model in models.items()},
@@ -285,8 +331,7 @@ def pipeline_state(pipe):
             for key, value in {
                 "unet": compile_options(pipe.unet) if pipe.unet is not unet else None,
                 "vae.decode": compile_options(pipe.vae.decode),
-                "repeated_blocks": {"count": len(compiled_blocks), **compile_options(compiled_blocks[0])}
-                if compiled_blocks else None,
+                "repeated_blocks": {"count": len(blocks), **compile_options(blocks[0])} if blocks else None,
             }.items()
             if value is not None
         },

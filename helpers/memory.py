@@ -3,6 +3,11 @@
 A compiled pipeline sits in reference cycles (`vae.decode` -> compiled function -> bound method -> vae; each
 regionally compiled block's `_compiled_call_impl` -> the block), so `del pipe` alone frees nothing until Python's
 cycle collector runs: `free_memory` runs it, then hands CUDA's cached blocks back to the driver.
+That is not all: Dynamo caches compiled code on the Python code object it compiled, and every block of a class shares
+one (`BasicTransformerBlock.forward`), so the code compiled for a dead pipeline stays cached, with the CUDA-graph
+trees of `max-autotune` and their private memory pools, which `torch.cuda.empty_cache()` can't free. Those cache
+entries also count toward `torch._dynamo.config.recompile_limit`. `release` therefore also resets the compiler
+(`torch.compiler.reset()`), as must anything that builds a new compiled pipeline in the same process.
 """
 
 import gc
@@ -29,13 +34,15 @@ def live_pipelines():
 
 
 def release(*panels):
-    """Drop the pipelines that `panels` hold, free the memory, and say in one line what this process still holds.
+    """Drop the pipelines that `panels` hold and all compiled code, free the memory, and say in one line what this
+    process still holds.
 
     The notebook deletes its own `pipe` first; a panel then builds a fresh pipeline on its next click.
     Returns the number of pipelines still alive (0 when everything was freed).
     """
     for panel in panels:
         panel.release_pipeline()
+    torch.compiler.reset()  # every compiled function of this process, and the CUDA-graph memory pools they hold
     free_memory()
     alive = len(live_pipelines())
     held = ""

@@ -7,7 +7,7 @@ from PIL import Image
 from .coldstart import first_call_state
 from .flops import efficiency, image_flops, peak_tflops
 from .images import describe_quality, image_size, quality, save_image
-from .ladder import matmul_autotuning
+from .ladder import last_cudagraph_fallback, matmul_autotuning, recompile_limit_hits
 from .models import default_device
 from .results import append_record, device_name, load_records, make_record
 from .steps import get_step
@@ -59,10 +59,14 @@ def compute_efficiency(params, median_s):
 
 
 def compile_facts(step):
-    """For a compiled step: whether max-autotune autotunes matmuls on this device, and why (`matmul_autotuning`)."""
+    """For a compiled step: whether max-autotune autotunes matmuls on this device, and why (`matmul_autotuning`);
+    whether the first call was compiled or cached; how often Dynamo met its recompile limit, which means a region
+    ran eagerly or raised (`recompile_limit_hits`); and the CUDA-graph fallback, if there was one."""
     if step.settings.compile == "off":
         return {}
-    return {"matmul_autotuning": matmul_autotuning(default_device()), "compile_cache": first_call_state()}
+    return {"matmul_autotuning": matmul_autotuning(default_device()), "compile_cache": first_call_state(),
+            "recompile_limit_hits": recompile_limit_hits(),
+            "cudagraph_fallback": last_cudagraph_fallback()}
 
 
 def record_step(step, measurement, params, dtype, image, note=None, extra=None):
@@ -89,6 +93,9 @@ def record_step(step, measurement, params, dtype, image, note=None, extra=None):
         source = f" from {cache['warm_from']}" if cache["warm_from"] else ""
         print(f"   first call: {cache['first_call']}{source} ({cache['fx_graph_cache']['hits']} compiled graphs from a "
               f"cache, {cache['fx_graph_cache']['misses']} compiled now)")
+    if record.get("recompile_limit_hits"):
+        print(f"   Dynamo met its recompile limit {record['recompile_limit_hits']} time(s): a region ran eagerly, or "
+              "raised; release() the pipelines you no longer use, or raise torch._dynamo.config.recompile_limit")
     if step.tutorial_a100_s is not None:
         print(f"   the tutorial's A100 (1024x1024, 30 steps): {step.tutorial_a100_s:.2f} s")
     if step.id != "01":

@@ -298,11 +298,14 @@ class FlagsPanel:
         return text + (f" ({self.compile_mode.value})" if settings.compile != "off" else "")
 
     def release_pipeline(self):
-        """Drop the previous pipeline and free its memory before the next one loads, so both never coexist.
+        """Drop the previous pipeline, its compiled code and its memory before the next one loads, so both never
+        coexist and the dead pipeline's code counts no more toward Dynamo's recompile limit.
 
-        No `torch._dynamo.reset()`: it would also throw away the compiled code of the notebook's own pipeline.
+        `torch.compiler.reset()` forgets every compiled function of the process: a compiled pipeline of the
+        notebook's own compiles again at its next call, from Inductor's cache on disk where it has the kernels.
         """
         self.pipe = None
+        torch.compiler.reset()
         free_memory()
 
     def rebuild(self):

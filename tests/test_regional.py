@@ -72,3 +72,78 @@ def test_dynamic_true_still_needs_one_graph_per_width():
     shapes = [hidden_states_shape(graph) for graph in graphs]
     assert [width for _, _, width in shapes] == [32, 64]
     assert all(is_symbolic(batch) and is_symbolic(tokens) for batch, tokens, _ in shapes)
+
+
+def cached_graphs():
+    """Dynamo's cache entries on the code that every BasicTransformerBlock shares."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(BasicTransformerBlock.forward.__code__))
+
+
+def test_release_leaves_no_compiled_code_of_a_dead_pipeline(capsys):
+    pipe = helpers.load_pipeline("tiny", verbose=False)
+    pipe.unet.compile_repeated_blocks(backend="eager", fullgraph=True, dynamic=False)
+    helpers.generate(pipe, PARAMS)
+    assert cached_graphs() == 2  # one per width, cached on the class's code: the pipeline's death doesn't drop them
+    del pipe
+    assert helpers.release() == 0
+    assert cached_graphs() == 0
+    assert capsys.readouterr().out.startswith("Released: no pipeline left alive")
+
+
+def test_regions_that_fail_under_cuda_graphs_are_compiled_again_without_them(monkeypatch, capsys):
+    # A stand-in for pytorch/pytorch#152887, which only a GPU shows: the UNet's first call raises its error.
+    from helpers import ladder
+
+    pipe = helpers.load_pipeline("tiny", verbose=False)
+    pipe.unet.compile_repeated_blocks(mode="max-autotune", fullgraph=True, dynamic=False)
+    assert helpers.pipeline_state(pipe)["compiled"]["repeated_blocks"]["mode_options"]["triton.cudagraphs"]
+    forward, compile_blocks, recompiled = pipe.unet.forward, pipe.unet.compile_repeated_blocks, []
+
+    def fails_once(*args, **kwargs):
+        monkeypatch.setattr(pipe.unet, "forward", forward)
+        raise RuntimeError("Error: accessing tensor output of CUDAGraphs that has been overwritten by a subsequent "
+                           "run. Stack trace: ...")
+
+    def compile_cheaply(**options):  # what the fallback asks for, compiled by a backend that compiles nothing
+        recompiled.append(options)
+        compile_blocks(backend="eager", fullgraph=options["fullgraph"], dynamic=options["dynamic"])
+
+    monkeypatch.setattr(pipe.unet, "forward", fails_once)
+    monkeypatch.setattr(pipe.unet, "compile_repeated_blocks", compile_cheaply)
+    monkeypatch.setattr(ladder, "cudagraph_fallbacks", [])
+    assert helpers.generate(pipe, PARAMS).size == (64, 64)
+    assert recompiled == [{"mode": "max-autotune-no-cudagraphs", "fullgraph": True, "dynamic": False}]
+    (said,) = ladder.cudagraph_fallbacks
+    assert said in capsys.readouterr().out and "#152887" in said and "\n" not in said
+    with pytest.raises(RuntimeError, match="something else"):  # any other error is raised as it is
+        ladder.call_with_cudagraph_fallback(pipe, lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+
+
+def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(monkeypatch, capsys):
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from helpers.ladder import recompile_limit_hits
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # what two widths fill, as 8 fills in a notebook
+    larger = helpers.Params(model="tiny", steps=1, height=96, width=96)
+
+    def compiled_pipeline():
+        pipe = helpers.load_pipeline("tiny", verbose=False)
+        pipe.unet.compile_repeated_blocks(backend="eager", fullgraph=True, dynamic=False)
+        return pipe
+
+    first = compiled_pipeline()
+    helpers.generate(first, PARAMS)
+    del first
+    hits = recompile_limit_hits()
+    second = compiled_pipeline()
+    with pytest.raises(FailOnRecompileLimitHit):  # the dead pipeline's two graphs still fill the limit
+        helpers.generate(second, larger)
+    assert recompile_limit_hits() == hits + 1  # read from Dynamo's own counters
+    del second
+    helpers.release()
+    helpers.generate(compiled_pipeline(), larger)
+    assert recompile_limit_hits() == hits + 1 and cached_graphs() == 2
