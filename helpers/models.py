@@ -196,10 +196,11 @@ def load_pipeline(model="auto", dtype=torch.float32, device=None, verbose=True):
     elif model == "sdxl-random":
         if verbose:
             print("sdxl-random: full-size SDXL with random weights; its latency is real, its images are noise.")
-        pipe = offline.sdxl_random_pipeline(device=device)
+        pipe = offline.sdxl_random_pipeline(device=device, dtype=dtype)
     else:
         pipe = _from_pretrained(model, dtype, fp16_safe_vae(dtype) if vae_plan == "fp16-fix" else None, verbose)
-    # Offline models are built in fp32 and cast, so every dtype starts from the same weights.
+    # The tiny model is built in fp32 and cast, so that every dtype starts from the same weights; sdxl-random is built
+    # in `dtype` already (the cast changes nothing), where a float32 copy would need 13.9 GB.
     with _quiet_diffusers():
         pipe = pipe.to(device=device, dtype=dtype)
         _apply_vae_plan(pipe, vae_plan, verbose)

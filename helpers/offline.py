@@ -203,10 +203,17 @@ def parameter_counts(pipe):
     return {name: getattr(pipe, name).num_parameters() for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
 
 
-def sdxl_random_pipeline(device="cpu", seed=0):
-    """Full-size SDXL base with random weights, initialised directly on `device` ("meta" allocates nothing)."""
+def sdxl_random_pipeline(device="cpu", seed=0, dtype=torch.float32):
+    """Full-size SDXL base with random weights, initialised directly on `device` ("meta" allocates nothing) and in
+    `dtype`, so that a GPU never holds a float32 copy (13.9 GB) to cast. The weights depend on the seed and the dtype:
+    they are noise either way."""
     device = torch.device(device)
     cuda_devices = [device] if device.type == "cuda" else []
+    default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
-        return build_pipeline(SDXL_UNET, SDXL_VAE, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, device=device)
+        torch.set_default_dtype(dtype)  # what the modules create their parameters in
+        try:
+            return build_pipeline(SDXL_UNET, SDXL_VAE, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, device=device)
+        finally:
+            torch.set_default_dtype(default_dtype)

@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 from torch._dynamo.utils import counters
 
 from .images import image_size
-from .ladder import pipeline_state
+from .ladder import call_with_cudagraph_fallback, last_cudagraph_fallback, pipeline_state, recompile_limit_hits
+from .memory import free_memory
+from .models import ACTIVATION_BYTES
 from .results import append_record, make_record, write_atomically
 from .timing import benchmark
 
@@ -30,7 +32,7 @@ def generate_batch(pipe, params, prompts, seeds=None):
     """The images of `prompts`, made in one call; seeds default to params.seed, params.seed + 1, ..."""
     height, width = image_size(params)
     seeds = range(params.seed, params.seed + len(prompts)) if seeds is None else seeds
-    return pipe(
+    return call_with_cudagraph_fallback(pipe, lambda: pipe(
         prompt=list(prompts),
         negative_prompt=[params.negative_prompt] * len(prompts) if params.negative_prompt else None,
         num_inference_steps=params.steps,
@@ -38,7 +40,62 @@ def generate_batch(pipe, params, prompts, seeds=None):
         height=height,
         width=width,
         generator=generators(seeds),
-    ).images
+    ).images)
+
+
+MAX_BATCH_SIZE = 256  # far past any GPU's knee at SDXL's size; a bound that keeps a typo from running for hours
+GRID_IMAGES = 8  # the most images a grid shows: a row of hundreds is wider than a picture can be
+
+
+def check_batch_sizes(batch_sizes):
+    """`batch_sizes` as a sorted list without repeats; ValueError with one sentence where it can't work."""
+    sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple)) else None
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_BATCH_SIZE
+                            for s in sizes):
+        raise ValueError(f"BATCH_SIZES must be a list of whole numbers from 1 to {MAX_BATCH_SIZE}, such as "
+                         f"[1, 2, 4], got {batch_sizes!r}.")
+    return sorted(set(sizes))
+
+
+def block_widths(pipe):
+    """The widths at which the UNet's repeated blocks run: each is a graph of its own with static shapes."""
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    return sorted({m.norm1.normalized_shape[0] for m in unet.modules() if type(m).__name__ in unet._repeated_blocks})
+
+
+def allow_recompiles(pipe, batch_sizes):
+    """Raise `torch._dynamo.config.recompile_limit` to what `batch_sizes` need with static shapes, and say so.
+
+    Every block shares one code object, on which Dynamo keeps one compiled version per width and batch size (the
+    batch of 1 of the comparison included); past the limit a `fullgraph=True` compile raises
+    `FailOnRecompileLimitHit`. Returns the limit now in force.
+    """
+    needed = len(block_widths(pipe)) * len(set(batch_sizes) | {1})
+    limit = torch._dynamo.config.recompile_limit
+    if needed > limit:
+        torch._dynamo.config.recompile_limit = needed
+        print(f"torch._dynamo.config.recompile_limit raised from {limit} to {needed}: with static shapes every "
+              f"batch size compiles the block once per width ({len(block_widths(pipe))} widths).")
+    return torch._dynamo.config.recompile_limit
+
+
+def decode_in_slices_if_needed(pipe, params, batch_size):
+    """Have the VAE decode a batch one image at a time where all at once would not fit in the GPU's free memory.
+
+    The estimate is the course's peak activations of one image's decode (`models.ACTIVATION_BYTES`, measured at
+    1024x1024) times the batch; returns whether slicing is on. On a CPU nothing changes.
+    """
+    if not torch.cuda.is_available():
+        return False
+    height, width = image_size(params)
+    per_image = ACTIVATION_BYTES[4 if pipe.vae.dtype.itemsize >= 4 else 2] * height * width / 1024**2
+    need = per_image * batch_size
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    if need > free and not getattr(pipe.vae, "use_slicing", False):
+        pipe.vae.enable_slicing()
+        print(f"batch {batch_size}: the VAE decodes one image at a time (`pipe.vae.enable_slicing()`): all at once "
+              f"needs about {need / 1e9:.1f} GB, and {free / 1e9:.1f} GB is free.")
+    return bool(getattr(pipe.vae, "use_slicing", False))
 
 
 def graphs_compiled():
@@ -51,9 +108,9 @@ def measure_batch(pipe, params, batch_size, progress=True):
 
     The first call is timed apart: on a compiled pipeline it is where a new batch size recompiles.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"A batch size must be a whole number of 1 or more (see BATCH_SIZES), got {batch_size!r}.")
-    compiled_per_call = []
+    (batch_size,) = check_batch_sizes([batch_size])
+    sliced = decode_in_slices_if_needed(pipe, params, batch_size)
+    compiled_per_call, hits_before = [], recompile_limit_hits()
 
     def call():
         before = graphs_compiled()
@@ -61,19 +118,35 @@ def measure_batch(pipe, params, batch_size, progress=True):
         compiled_per_call.append(graphs_compiled() - before)
         return images
 
-    measurement = benchmark(call, warmup=params.warmup, runs=params.runs, progress=progress,
-                            description=f"batch {batch_size}")
-    extra = {
-        "batch_size": batch_size,
+    extra = {"batch_size": batch_size, "vae_slicing": sliced}
+    try:
+        measurement = benchmark(call, warmup=params.warmup, runs=params.runs, progress=progress,
+                                description=f"batch {batch_size}")
+    except torch.OutOfMemoryError:
+        measurement = None
+        free_memory()
+        record = make_record("07", None, params, dtype=pipe.unet.dtype, status="out of memory", extra=extra,
+                             note=f"batch {batch_size} ran out of memory")
+        print(f"batch {batch_size}: out of memory; the next batch size still runs (smaller images or a GPU with "
+              "more memory would fit it).")
+        return record
+    extra |= {
         "images_per_s": batch_size / measurement.median_s,
         "s_per_image": measurement.median_s / batch_size,
         "graphs_compiled": compiled_per_call[0],
         "graphs_compiled_later": sum(compiled_per_call[1:]),  # above 0: recompiling in steady state, see caveat
+        "recompile_limit_hits": recompile_limit_hits() - hits_before,  # above 0: a region ran eagerly, or raised
+        "cudagraph_fallback": last_cudagraph_fallback(),
         "compiled": pipeline_state(pipe)["compiled"],  # what was compiled and how ({} when nothing was)
     }
     record = make_record("07", measurement, params, dtype=pipe.unet.dtype, extra=extra)
     print(summary(record))
     return record
+
+
+def measured(records):
+    """The records of the batch sizes that ran (not out of memory)."""
+    return [r for r in records if r["status"] == "ok"]
 
 
 def summary(record):
@@ -99,6 +172,9 @@ def table(records):
     lines = [f"{'batch':>5} {'images/s':>9} {'s/image':>8} {'s/call':>8} {'IQR s':>7} {'first call s':>13} "
              f"{'graphs':>7} {'peak GB':>8}"]
     for r in records:
+        if r["status"] != "ok":
+            lines.append(f"{r['batch_size']:>5} {r['status']}")
+            continue
         memory = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.2f}"
         lines.append(f"{r['batch_size']:>5} {r['images_per_s']:>9.2f} {r['s_per_image']:>8.3f} {r['median_s']:>8.3f} "
                      f"{r['iqr_s']:>7.3f} {r['first_call_s']:>13.1f} {r['graphs_compiled']:>7} {memory:>8}")
@@ -115,9 +191,9 @@ def save_records(out_dir, records):
 
 def draw_latency_throughput(records, path=None):
     """Images per second against seconds per call, a point per batch size, as a Figure; saved as PNG at `path`."""
-    records = sorted(records, key=lambda r: r["batch_size"])
+    records = sorted(measured(records), key=lambda r: r["batch_size"])
     if not records:
-        raise ValueError("There are no throughput records to draw: measure at least one batch size first.")
+        raise ValueError("There are no throughput records to draw: measure at least one batch size that fits first.")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     latency = [r["median_s"] for r in records]

@@ -328,3 +328,22 @@ def test_an_unreachable_fp16_safe_vae_is_one_sentence(offline_hub):
     message = str(error.value)
     assert message.startswith(f"Could not load {models.FP16_SAFE_VAE!r}, the VAE that decodes SDXL in float16")
     assert "\n" not in message
+
+
+def test_sdxl_random_is_built_in_the_dtype_it_runs_in_and_the_load_check_counts_that(monkeypatch):
+    built = []
+    build = models.offline.sdxl_random_pipeline
+
+    def on_meta(device="cpu", seed=0, dtype=torch.float32):  # shapes and dtypes without 7 GB of memory
+        pipe = build(device="meta", seed=seed, dtype=dtype)
+        built.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(models.offline, "sdxl_random_pipeline", on_meta)
+    load_pipeline("sdxl-random", dtype=torch.bfloat16, device="meta", verbose=False)
+    (pipe,) = built
+    weights = [p for name in models.PIPELINE_MODELS for p in getattr(pipe, name).parameters()]
+    assert {p.dtype for p in weights} == {torch.bfloat16}
+    activations = models.ACTIVATION_BYTES[2] * (models.native_size("sdxl-random") / 1024) ** 2
+    estimate = models.pipeline_bytes("sdxl-random", torch.bfloat16) - activations
+    assert estimate == sum(p.numel() * p.element_size() for p in weights)

@@ -101,17 +101,72 @@ def test_measure_batch_counts_the_graphs_each_batch_size_compiles(tiny):
     assert second["images_per_s"] == pytest.approx(2 / second["median_s"])
 
 
-@pytest.mark.parametrize("size", [0, 2.0, "4", True])
-def test_a_batch_size_that_cannot_work_is_one_sentence(tiny, size):
+@pytest.mark.parametrize("sizes", [[], [0], [2.0], ["4"], [True], [1000], 4, None])
+def test_batch_sizes_that_cannot_work_are_one_sentence(tiny, sizes):
+    with pytest.raises(ValueError, match=r"^BATCH_SIZES must be a list of whole numbers from 1 to 256, .*\.$"):
+        throughput.check_batch_sizes(sizes)
+    if isinstance(sizes, list) and len(sizes) == 1:
+        pipe, params = tiny
+        with pytest.raises(ValueError, match="^BATCH_SIZES must be"):
+            throughput.measure_batch(pipe, params, sizes[0])
+    assert throughput.check_batch_sizes((4, 1, 2, 1)) == [1, 2, 4]
+
+
+def test_batch_sizes_are_checked_before_the_pipeline_loads():
+    nb = nbformat.read(NOTEBOOKS / NOTEBOOK, as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    checked = next(i for i, c in enumerate(code) if "throughput.check_batch_sizes(BATCH_SIZES)" in c)
+    built = next(i for i, c in enumerate(code) if "helpers.build(" in c)
+    assert checked < built and "Params.from_cell" in code[checked]
+
+
+def test_a_batch_that_runs_out_of_memory_is_recorded_and_the_next_one_runs(tiny, monkeypatch, capsys):
+    # A stand-in for a GPU's limit: batch 4 raises what torch raises when an allocation fails.
     pipe, params = tiny
-    with pytest.raises(ValueError, match=r"^A batch size must be a whole number of 1 or more .*\.$"):
-        throughput.measure_batch(pipe, params, size)
+    make = throughput.generate_batch
+
+    def generate(pipe, params, prompts, seeds=None):
+        if len(prompts) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return make(pipe, params, prompts, seeds)
+
+    monkeypatch.setattr(throughput, "generate_batch", generate)
+    records = [throughput.measure_batch(pipe, params, size, progress=False) for size in (2, 4, 1)]
+    assert [r["status"] for r in records] == ["ok", "out of memory", "ok"]
+    assert records[1]["median_s"] is None and records[1]["batch_size"] == 4
+    assert "batch 4: out of memory; the next batch size still runs" in capsys.readouterr().out
+    assert "4 out of memory" in throughput.table(records)
+    assert [r["batch_size"] for r in throughput.measured(records)] == [2, 1]
+    throughput.draw_latency_throughput(records)  # draws the two that ran
+
+
+def test_a_batch_whose_decode_would_not_fit_is_decoded_in_slices(tiny, monkeypatch, capsys):
+    # A stand-in for a 24 GB card with 3 GB free: SDXL's decode of 4 images at 1024x1024 needs about 10 GB.
+    pipe, _ = tiny
+    params = helpers.Params(model="sdxl-random", height=1024, width=1024)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (3 * 10**9, 24 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(pipe.vae, "use_slicing", False)
+    assert not throughput.decode_in_slices_if_needed(pipe, params, 1)
+    assert throughput.decode_in_slices_if_needed(pipe, params, 4) and pipe.vae.use_slicing
+    assert "batch 4: the VAE decodes one image at a time" in capsys.readouterr().out
+
+
+def test_the_recompile_limit_is_raised_to_what_the_batch_sizes_need(tiny, monkeypatch, capsys):
+    pipe, _ = tiny
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    assert throughput.block_widths(pipe) == [32, 64]
+    assert throughput.allow_recompiles(pipe, [1, 2, 4]) == 8 and not capsys.readouterr().out  # 2 widths x 3 sizes
+    assert throughput.allow_recompiles(pipe, [2, 4, 8, 16]) == 10  # and the batch of 1 of the comparison
+    assert "raised from 8 to 10" in capsys.readouterr().out
 
 
 def test_chart_is_a_plain_figure_saved_atomically(tmp_path):
     records = [{"batch_size": b, "median_s": 0.1 * b ** 0.5, "iqr_s": 0.01, "images_per_s": b / (0.1 * b ** 0.5),
                 "peak_memory_gb": None, "device": "CPU", "model": "tiny", "width": 64, "height": 64,
-                "params": {"steps": 2}} for b in (4, 1, 2)]
+                "params": {"steps": 2}, "status": "ok"} for b in (4, 1, 2)]
     path = tmp_path / throughput.CHART_FILE
     fig = throughput.draw_latency_throughput(records, path)
     assert isinstance(fig, Figure) and fig.canvas.manager is None  # not registered with pyplot
