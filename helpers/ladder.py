@@ -336,5 +336,5 @@ def pipeline_state(pipe):
             if value is not None
         },
         "inductor_flags": {name: getattr(flags, name) for name in {**INDUCTOR_FLAGS, **INT8_INDUCTOR_FLAGS}},
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,  # readable whichever API set it
     }

@@ -86,11 +86,12 @@ def package_versions():
 
 
 def precision_settings():
-    """The settings that decide what "fp32" means on this machine: TF32 makes fp32 matmuls faster and less exact."""
+    """What "fp32" means for this process's matmuls and cuDNN convolutions: "tf32" (TF32 tensor cores, faster and less
+    exact), "ieee" (full fp32) or "none" (no TF32). Read through torch's `fp32_precision` settings, which answer
+    whichever API set them; the older `allow_tf32` flags raise once the new API has set a flag."""
     return {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "cudnn_conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
     }
 
 

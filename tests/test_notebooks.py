@@ -87,7 +87,8 @@ def expect_printed(nb, pattern, name):
 
 
 EXPECTED_LINES = {
-    "01": [r"with synchronize", r"Released: no pipeline left alive"],
+    "01": [r"fp32 matmuls: (none|ieee|tf32) \| fp32 convolutions \(cuDNN\): (none|ieee|tf32)", r"with synchronize",
+           r"Released: no pipeline left alive"],
     "02": [r"low precision: torch\.(bfloat16|float16)", r"Released: no pipeline left alive"],
     "03": [r"calls in a one-step image", r"Released: no pipeline left alive"],
     "04": [r"compile \(first call\)", r"max-autotune autotunes matmuls here: (True|False)",
