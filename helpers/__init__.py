@@ -16,6 +16,8 @@ from .ladder import (
     drop_unfused_projections,
     fuse_qkv,
     int8_filter,
+    is_compiled,
+    is_fused,
     matmul_autotuning,
     pipeline_state,
     quantize_int8,

@@ -157,8 +157,10 @@ def test_missing_torchao_is_one_sentence_and_only_stops_step_06(monkeypatch):
     assert helpers.pipeline_state(helpers.build("tiny", through="05", verbose=False))["fused_qkv"]
 
 
-def test_notebook_06_quantize_cell_run_twice_changes_nothing():
-    step, marker = helpers.get_step("06"), "quantize_("
+@pytest.mark.parametrize("step_id, marker", [("04", "torch.compile(pipe.unet"), ("05", "fuse_qkv_projections"),
+                                             ("06", "quantize_(")])
+def test_a_notebooks_change_cell_run_twice_changes_nothing(step_id, marker):
+    step = helpers.get_step(step_id)
     namespace = dict(PARAMETERS)
     cells = notebook_cells(step.notebook, "ladder")
     for source in cells:
