@@ -3,10 +3,13 @@
 Each process builds its own pipeline on its own device (one process per GPU, `PartialState().device`), takes its
 share of the prompts (`PartialState().split_between_processes`) and saves image i as `<out>/images/<i>.png` (or
 `<i>-2.png` where an earlier job took the name: no image is written over), made with seed SEED + i, so it is the
-same image whichever process makes it. The main process gathers every process's records (`gather_object`) into
-`<out>/results.json`, one per image, and writes the job's images per second to `<out>/summary.json`: from the first
-process's start, and from the moment every pipeline was loaded and warmed up, to the last process's finish (after
-`wait_for_everyone`).
+same image whichever process makes it. The first process of each machine loads first (`local_main_process_first`):
+the others then find the model it downloaded and the kernels it compiled in that machine's caches. Every process
+writes the record of each image as soon as it is saved, a line of its own file `<out>/parts/rank-<R>.jsonl`, so a job
+one of whose processes dies (the launcher then stops the others) loses only the images not made yet. At the end the
+main process gathers every process's records (`gather_object`) into `<out>/results.json`, with those of the part
+files it lacks, and writes the job's images per second to `<out>/summary.json`: from the first process's start, and
+from the moment every pipeline was loaded and warmed up, to the last process's finish (after `wait_for_everyone`).
 
 From the project's root, with `helpers` installed (`pip install -e .`). One machine, all its GPUs (8 here):
     accelerate launch --num_processes 8 scripts/generate_many.py --prompts prompts.txt --out many
@@ -28,12 +31,23 @@ unless MPI is set up).
 With several machines, the results file is complete wherever --out is (records travel to the main process), and
 each image lies on the machine that made it (its record names the host) unless --out is a shared folder.
 
-A process that fails (loading, compiling or generating) is named in one line, `rank R on HOST failed: Error: message`,
-once the others have finished their share, and the job exits 1; the images it made before failing are kept.
-For tests: with GENERATE_MANY_FAIL_ON=TEXT in the environment, a process raises when it reaches a prompt holding TEXT.
+A job run again with the same --out skips the images that have a record there already (the same prompt at the same
+index, with the same --model, --height, --width, --steps, --guidance, --negative-prompt, --seed and --through), and
+says how many. After a job that was stopped, `python scripts/generate_many.py --merge --out OUT` adds the records of
+its part files to results.json without making any image.
+
+The process group waits --timeout hours (default 3) for a process at each point where all meet (while the first
+process of each machine loads, while the others load, at the end) instead of torch's default (10 minutes with NCCL, 30
+with gloo); the main process prints the timeout the group holds. A process that fails to load (or at its warm-up) is
+named in one line, `rank R on HOST failed: Error: message`, every process stops before generating, and the job exits
+1. A process that fails while
+generating is named once the others have finished their share, and the job exits 1; the images it made are kept.
+For tests: with GENERATE_MANY_FAIL_ON=TEXT in the environment, a process raises when it reaches a prompt holding TEXT,
+at its warm-up too.
 """
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -44,22 +58,37 @@ from pathlib import Path
 import psutil
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from helpers.ladder import build
 from helpers.params import COMPILE_MODES, Params
-from helpers.results import append_record, device_name, make_record, package_versions, write_atomically, write_new
+from helpers.results import (
+    RESULTS_FILE,
+    OutputError,
+    _read,
+    append_record,
+    device_name,
+    make_record,
+    new_file,
+    package_versions,
+    write_atomically,
+    write_new,
+)
+from helpers.runner import check_out_dir
 from helpers.steps import get_step
 from helpers.throughput import generate_batch
 
 FAIL_ON = "GENERATE_MANY_FAIL_ON"
+PARTS = "parts"
+# The params that, with the step, the prompt and its index, make an image the same image in another job.
+SAME_IMAGE = ("model", "negative_prompt", "steps", "height", "width", "guidance", "seed")
 
 
 def parse_args(argv=None):
     defaults = Params()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (blank lines skipped)")
+    source.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt a line (blank lines skipped)")
     source.add_argument("--prompt", default=defaults.prompt, help="one prompt (default: the course's)")
     parser.add_argument("--copies", type=int, default=1, help="repeat the prompt list this many times (default 1)")
     parser.add_argument("--model", default=defaults.model, help="auto, tiny, sdxl-random, a hub id or a local folder")
@@ -74,7 +103,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="leave the step's compilation out")
     parser.add_argument("--compile-mode", default=defaults.compile_mode, choices=COMPILE_MODES)
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per process before timing (default 1)")
-    parser.add_argument("--out", required=True, help="folder for images/, results.json and summary.json")
+    parser.add_argument("--timeout", type=float, default=3.0, metavar="HOURS",
+                        help="how long a process waits for the others where all meet (default 3)")
+    parser.add_argument("--out", required=True, help="folder for images/, parts/, results.json and summary.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="make nothing: add the records of <out>/parts that results.json lacks (after a stop)")
     return parser.parse_args(argv)
 
 
@@ -86,11 +119,17 @@ def read_prompts(args):
         path = Path(args.prompts)
         if not path.is_file():
             raise ValueError(f"{path} is not a file: give --prompts a text file with one prompt per line.")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text: save it as UTF-8 and run again.") from None
+        except OSError as error:
+            raise ValueError(f"Can't read {path} ({error.strerror}): give --prompts a file you can read.") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"{path} holds no prompt: write one prompt per line.")
-    if args.copies < 1 or args.batch_size < 1 or args.warmup < 0:
-        raise ValueError("--copies and --batch-size must be 1 or more, and --warmup 0 or more.")
+    if args.copies < 1 or args.batch_size < 1 or args.warmup < 0 or not args.timeout > 0:
+        raise ValueError("--copies and --batch-size must be 1 or more, --warmup 0 or more, and --timeout above 0.")
     return prompts * args.copies
 
 
@@ -100,6 +139,54 @@ def make_params(args, prompts):
         height=args.height, width=args.width, guidance=args.guidance, seed=args.seed, warmup=args.warmup, runs=1,
         out_dir=args.out, compile_mode=args.compile_mode,
     )
+
+
+def image_key(step, params, index, prompt):
+    """What makes image `index` of a job the same image in another job."""
+    return (step, index, prompt, *(params.get(name) for name in SAME_IMAGE))
+
+
+def part_records(out):
+    """The records every process of this and earlier jobs kept in `<out>/parts`, one per line.
+
+    A line cut short by a process that died while writing it does not parse and is left out: its image is made again.
+    """
+    records = []
+    for path in sorted((Path(out) / PARTS).glob("rank-*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return records
+
+
+def kept_records(out):
+    """The records of `<out>/results.json` and of its part files (dicts only: a hand-edited file may hold others)."""
+    return [r for r in [*_read(Path(out) / RESULTS_FILE)[0], *part_records(out)] if isinstance(r, dict)]
+
+
+def plan(args, prompts, params):
+    """The (index, prompt) pairs still to make: those without a record in --out; and how many have one."""
+    step, settings = get_step(args.through).id, params.to_dict()
+    made = {image_key(r.get("step"), r["params"], r.get("prompt_index"), r.get("prompt"))
+            for r in kept_records(args.out) if "prompt_index" in r and isinstance(r.get("params"), dict)}
+    todo = [(i, prompt) for i, prompt in enumerate(prompts) if image_key(step, settings, i, prompt) not in made]
+    return todo, len(prompts) - len(todo)
+
+
+def merge(out, gathered=()):
+    """Add to `<out>/results.json` each record of the part files and of `gathered` that it lacks; returns how many.
+
+    A record is its image: the same host and image file."""
+    held = {(r.get("host"), r.get("image")) for r in _read(Path(out) / RESULTS_FILE)[0] if isinstance(r, dict)}
+    new = {}
+    for record in [*part_records(out), *gathered]:
+        if (record.get("host"), record.get("image")) not in held:
+            new.setdefault((record.get("host"), record.get("image")), record)
+    for record in new.values():
+        append_record(out, record)
+    return len(new)
 
 
 def batches(share, size):
@@ -118,13 +205,21 @@ def fail_for_tests(batch):
         raise RuntimeError(f"a prompt holds {text!r}, and {FAIL_ON} says to fail there (a test)")
 
 
+def wait_limit(device):
+    """The timeout the process group holds (how long a collective waits); None without one, or where torch hides it."""
+    if not torch.distributed.is_initialized():
+        return None
+    options = getattr(torch.distributed.group.WORLD._get_backend(device), "options", None)
+    return getattr(options, "_timeout", None)
+
+
 class Worker:
     """One process's part of the job: its pipeline, its share of the prompts, what it made and how it failed."""
 
     def __init__(self, state, args, params):
         self.state, self.args, self.params = state, args, params
-        self.pipe, self.records, self.error, self.generate_s = None, [], None, 0.0
-        self.host = socket.gethostname()
+        self.pipe, self.records, self.error, self.generate_s, self.part = None, [], None, 0.0, None
+        self.host, self.load_times = socket.gethostname(), (None, None)
 
     def guarded(self, work):
         """Run `work` unless this process failed already; keep its error to name once every process is done."""
@@ -132,15 +227,22 @@ class Worker:
             return
         try:
             work()
-        except Exception as error:  # any failure: named in the summary, while the other processes go on
+        except Exception as error:  # any failure: named in the summary
             self.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
     def load(self, share):
+        """Build the pipeline and warm it up (the first compile), unless this process has nothing to make."""
+        if not share:
+            return
+        started = time.time()
         self.pipe = build(self.params.model, through=self.args.through, compile=not self.args.no_compile,
                           compile_mode=self.params.compile_mode, device=self.state.device,
                           verbose=self.state.is_main_process)
-        for _ in range(self.params.warmup if share else 0):
-            generate_batch(self.pipe, self.params, [prompt for _, prompt in next(batches(share, self.args.batch_size))])
+        for _ in range(self.params.warmup):
+            batch = next(batches(share, self.args.batch_size))
+            fail_for_tests(batch)
+            generate_batch(self.pipe, self.params, [prompt for _, prompt in batch])
+        self.load_times = (started, time.time())
 
     def generate(self, share, width):
         for batch in batches(share, self.args.batch_size):
@@ -156,28 +258,34 @@ class Worker:
                 self.records.append(self.save(index, prompt, image, width, call))
 
     def save(self, index, prompt, image, width, call):
-        """Save image `index` as images/<index>.png (<index>-2.png where an earlier run took it); returns its record."""
+        """Save image `index` as images/<index>.png (<index>-2.png where an earlier job took it), then its record as
+        a line of this process's part file, flushed; returns the record."""
         name = f"{index:0{width}d}"
         path = write_new(Path(self.args.out) / "images", name, ".png", lambda f: image.save(f, format="PNG"))
-        relative = f"images/{path.name}"
         where = {"rank": self.state.process_index, "host": self.host, "process_device": str(self.state.device),
                  "device": device_name(self.state.device)}
-        return make_record(
-            self.args.through, None, self.params, dtype=self.pipe.unet.dtype, image_file=relative,
+        record = make_record(
+            self.args.through, None, self.params, dtype=self.pipe.unet.dtype, image_file=f"images/{path.name}",
             extra={"prompt_index": index, "prompt": prompt, "seed": self.params.seed + index, **where, **call},
         )
+        if self.part is None:  # a new file for each job: none goes on after a line that a killed job cut short
+            part = new_file(Path(self.args.out) / PARTS, f"rank-{self.state.process_index}", ".jsonl")
+            self.part = open(part, "a", encoding="utf-8")
+        self.part.write(json.dumps(record) + "\n")
+        self.part.flush()
+        return record
 
     def outcome(self, share):
         return {"rank": self.state.process_index, "host": self.host, "device": str(self.state.device),
-                "started": psutil.Process().create_time(),
-                "prompts": len(share), "images": len(self.records), "generate_s": self.generate_s,
-                "error": self.error, "records": self.records}
+                "started": psutil.Process().create_time(), "load_started": self.load_times[0],
+                "loaded": self.load_times[1], "prompts": len(share), "images": len(self.records),
+                "generate_s": self.generate_s, "error": self.error, "records": self.records}
 
 
-def summarize(outcomes, prompts, job_s, generate_s, params):
+def summarize(outcomes, prompts, skipped, job_s, generate_s, params):
     images = sum(o["images"] for o in outcomes)
     return {
-        "prompts": len(prompts), "images": images, "processes": len(outcomes),
+        "prompts": len(prompts), "skipped": skipped, "images": images, "processes": len(outcomes),
         "job_s": job_s, "images_per_s": images / job_s,
         "generate_s": generate_s, "images_per_s_generating": images / generate_s if generate_s else None,
         "ranks": [{k: v for k, v in o.items() if k != "records"} for o in outcomes],
@@ -187,14 +295,16 @@ def summarize(outcomes, prompts, job_s, generate_s, params):
 
 
 def report(summary):
-    print(f"{summary['images']} of {summary['prompts']} images made by {summary['processes']} process(es) in "
-          f"{summary['job_s']:.1f} s: {summary['images_per_s']:.2f} images/s, loading and warm-up included")
+    print(f"{summary['images']} of {summary['prompts'] - summary['skipped']} images made by {summary['processes']} "
+          f"process(es) in {summary['job_s']:.1f} s: {summary['images_per_s']:.2f} images/s, loading and warm-up "
+          "included")
     if summary["images_per_s_generating"] is not None:
         print(f"   generating alone: {summary['generate_s']:.1f} s, {summary['images_per_s_generating']:.2f} images/s")
     for rank in summary["ranks"]:
         rate = f", {rank['images'] / rank['generate_s']:.2f} images/s" if rank["generate_s"] else ""
-        print(f"   rank {rank['rank']} on {rank['host']} ({rank['device']}): {rank['images']} of {rank['prompts']} "
-              f"images in {rank['generate_s']:.1f} s{rate}")
+        load = f"loaded in {rank['loaded'] - rank['load_started']:.1f} s, " if rank["loaded"] else ""
+        print(f"   rank {rank['rank']} on {rank['host']} ({rank['device']}): {load}{rank['images']} of "
+              f"{rank['prompts']} images in {rank['generate_s']:.1f} s{rate}")
     for failure in summary["failures"]:
         print(failure, file=sys.stderr)
 
@@ -202,23 +312,32 @@ def report(summary):
 def run(args, prompts, params):
     """This process's part of the job; on the main process, the job's summary too. Returns the exit status."""
     # Without a GPU, gloo on the CPUs: PartialState needs cpu=True to start it under torchrun or accelerate launch.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # Its other keywords go to torch.distributed.init_process_group: here the timeout of every collective.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=args.timeout))
     worker = Worker(state, args, params)
-    with state.split_between_processes(list(enumerate(prompts))) as share:
+    todo, skipped = broadcast_object_list(list(plan(args, prompts, params)) if state.is_main_process else [None, None])
+    if state.is_main_process:
+        if skipped:
+            print(f"Skipped {skipped} of {len(prompts)} images: {args.out} holds their records from an earlier job.")
+        limit = wait_limit(state.device)
+        print(f"{len(todo)} images to make over {state.num_processes} process(es)"
+              + (f"; each waits up to {limit} for the others (--timeout)" if limit else ""))
+    with state.split_between_processes(todo) as share:
         share = list(share)
-    worker.guarded(lambda: worker.load(share))
-    state.wait_for_everyone()
+    with state.local_main_process_first():  # the others load from the model and kernels it left in the caches
+        worker.guarded(lambda: worker.load(share))
+    loaded = not any(gather_object([worker.error]))  # one failed to load: none generates, and it is named at once
     ready = time.perf_counter()
-    worker.guarded(lambda: worker.generate(share, width=max(5, len(str(len(prompts) - 1)))))
+    if loaded:
+        worker.guarded(lambda: worker.generate(share, width=max(5, len(str(len(prompts) - 1)))))
     state.wait_for_everyone()
     finished, finished_clock = time.perf_counter(), time.time()
     outcomes = gather_object([worker.outcome(share)])
     if state.is_main_process:
-        for record in (record for outcome in outcomes for record in outcome["records"]):
-            append_record(args.out, record)
+        merge(args.out, [record for outcome in outcomes for record in outcome["records"]])
         # From the first process's start (as the system clock of its machine saw it) to the last one's finish.
         job_s = finished_clock - min(o["started"] for o in outcomes)
-        summary = summarize(outcomes, prompts, job_s, finished - ready, params)
+        summary = summarize(outcomes, prompts, skipped, job_s, finished - ready, params)
         write_atomically(Path(args.out) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
         report(summary)
     failed = worker.error is not None or (state.is_main_process and any(o["error"] for o in outcomes))
@@ -229,11 +348,16 @@ def run(args, prompts, params):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.merge:
+            added = merge(args.out)
+            print(f"Added {added} record(s) of {Path(args.out) / PARTS} to {Path(args.out) / RESULTS_FILE}.")
+            return 0
         prompts = read_prompts(args)
         params = make_params(args, prompts)
         get_step(args.through)
-    except ValueError as error:
-        if os.environ.get("RANK", "0") == "0":  # every process checks; one says it
+        check_out_dir(args.out)
+    except (ValueError, OutputError) as error:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # every process checks; one per machine says it
             print(f"error: {error}", file=sys.stderr)
         return 2
     return run(args, prompts, params)
