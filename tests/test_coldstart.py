@@ -1,18 +1,20 @@
 """Cold start: the compile-cache file (made, refused, used), the AOTInductor package, and appendix 08 in the series."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import zipfile
 
+import nbformat
 import pytest
 import torch
-from conftest import ROOT, SERIES_ARGS
+from conftest import NOTEBOOKS, ROOT, SERIES_ARGS
 from PIL import Image
 
 import helpers
-from helpers import coldstart
+from helpers import coldstart, compile_cache
 from helpers.runner import select_steps
 from helpers.steps import get_step
 
@@ -24,7 +26,7 @@ SCRIPT = """
 import json, sys
 import torch
 import helpers
-from helpers import coldstart
+from helpers import compile_cache
 
 action, path = sys.argv[1], sys.argv[2]
 params = helpers.Params(model="tiny", height=64, width=64, steps=2, compile_mode="default",
@@ -35,8 +37,8 @@ if action == "use":
 square = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T) + 1, mode="default")
 square(torch.randn(16, 16))
 if action == "save":
-    coldstart.save_compile_cache(path, params, pipe, ["04", "05"])
-print(json.dumps(coldstart.first_call_state()))
+    compile_cache.save_compile_cache(path, params, pipe, ["04", "05"])
+print(json.dumps(compile_cache.first_call_state()))
 """
 
 
@@ -62,19 +64,19 @@ def small(**changes):
 
 
 def test_the_file_holds_a_manifest_the_artifacts_and_the_kernels(cache_file):
-    manifest = coldstart.read_manifest(cache_file)
+    manifest = compile_cache.read_manifest(cache_file)
     assert manifest["steps"] == ["04", "05"] and manifest["compile_mode"] == "default"
     assert (manifest["height"], manifest["width"], manifest["unet_batch"]) == (64, 64, 2)
     assert manifest["torch"] == torch.__version__ and manifest["device"] == helpers.results.device_name()
     assert sum(manifest["artifacts"].values()) >= 1
     with zipfile.ZipFile(cache_file) as archive:
         names = archive.namelist()
-    assert coldstart.ARTIFACTS_NAME in names
-    kernels = [name for name in names if name.startswith(coldstart.KERNELS_PREFIX)]
+    assert compile_cache.ARTIFACTS_NAME in names
+    kernels = [name for name in names if name.startswith(compile_cache.KERNELS_PREFIX)]
     assert len(kernels) == manifest["cpp_kernels"]
     if not torch.cuda.is_available():  # on a CPU, Inductor compiled the function's C++ into a shared library
         assert kernels and all(name.endswith(".so") for name in kernels)
-    assert coldstart.check_compile_cache(cache_file, small(), step="04") == manifest
+    assert compile_cache.check_compile_cache(cache_file, small(), steps="04") == manifest
 
 
 def test_a_matching_file_is_used_and_the_first_call_is_warm(cache_file, tmp_path):
@@ -87,14 +89,16 @@ def test_a_matching_file_is_used_and_the_first_call_is_warm(cache_file, tmp_path
     assert "No compile cache (COMPILE_CACHE = None)" in printed
 
 
-def rewritten(path, tmp_path, **changes):
-    """A copy of the file whose manifest says `changes`: as if made elsewhere."""
+def rewritten(path, tmp_path, members=None, drop=(), **changes):
+    """A copy of the file whose manifest says `changes` and lacks the fields `drop`: as if made elsewhere or damaged;
+    `members` replace those of the same names, their checksums left as saved."""
     copy = tmp_path / path.name
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
         for name in source.namelist():
-            data = source.read(name)
-            if name == coldstart.MANIFEST_NAME:
-                data = json.dumps({**json.loads(data), **changes})
+            data = (members or {}).get(name) or source.read(name)
+            if name == compile_cache.MANIFEST_NAME:
+                manifest = {**json.loads(data), **changes}
+                data = json.dumps({key: value for key, value in manifest.items() if key not in drop})
             target.writestr(name, data)
     return copy
 
@@ -109,7 +113,7 @@ def rewritten(path, tmp_path, **changes):
 def test_a_file_made_for_something_else_is_refused_in_one_sentence(cache_file, tmp_path, made_for, params, named):
     path = rewritten(cache_file, tmp_path, **made_for)
     with pytest.raises(helpers.CompileCacheMismatch) as refused:
-        coldstart.check_compile_cache(path, params)
+        compile_cache.check_compile_cache(path, params)
     message = str(refused.value)
     assert "\n" not in message and message.endswith(".") and "python -m helpers warm" in message
     for text in named:
@@ -118,11 +122,11 @@ def test_a_file_made_for_something_else_is_refused_in_one_sentence(cache_file, t
 
 def test_a_file_for_other_steps_or_another_model_is_refused(cache_file, tmp_path):
     with pytest.raises(helpers.CompileCacheMismatch, match="holds the compiled steps 04, 05, not 07"):
-        coldstart.check_compile_cache(cache_file, small(), step="07")
+        compile_cache.check_compile_cache(cache_file, small(), steps="07")
     pipe = helpers.build("tiny", through="03", verbose=False)
     other = rewritten(cache_file, tmp_path, architecture="0123456789ab")
     with pytest.raises(helpers.CompileCacheMismatch, match="architecture '0123456789ab'"):
-        coldstart.check_compile_cache(other, small(), pipe=pipe)
+        compile_cache.check_compile_cache(other, small(), pipe=pipe)
 
 
 def test_a_refused_file_loads_nothing(cache_file, monkeypatch, capsys):
@@ -135,22 +139,112 @@ def test_a_refused_file_loads_nothing(cache_file, monkeypatch, capsys):
 
 def test_what_is_not_a_compile_cache_file_is_refused(cache_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="No compile-cache file at .*python -m helpers warm"):
-        coldstart.read_manifest(tmp_path / "missing.zip")
+        compile_cache.read_manifest(tmp_path / "missing.zip")
     (tmp_path / "notes.zip").write_text("not a zip")
     with pytest.raises(helpers.CompileCacheMismatch, match="is not a compile-cache file"):
-        coldstart.read_manifest(tmp_path / "notes.zip")
+        compile_cache.read_manifest(tmp_path / "notes.zip")
     older = rewritten(cache_file, tmp_path, format=0)
     with pytest.raises(helpers.CompileCacheMismatch, match="another version of this course"):
-        coldstart.read_manifest(older)
+        compile_cache.read_manifest(older)
     escaping = tmp_path / "escaping.zip"
     with zipfile.ZipFile(cache_file) as source, zipfile.ZipFile(escaping, "w") as target:
         for name in source.namelist():
             target.writestr(name, source.read(name))
-        target.writestr(coldstart.KERNELS_PREFIX + "../../outside.so", b"")
+        target.writestr(compile_cache.KERNELS_PREFIX + "../../outside.so", b"")
     with pytest.raises(helpers.CompileCacheMismatch, match="outside the cache folder"):
-        coldstart.load_compile_cache(escaping)
+        compile_cache.load_compile_cache(escaping)
     with pytest.raises(ValueError, match="compile_cache must be the path of a file"):
         helpers.Params(compile_cache=3)
+
+
+@pytest.mark.parametrize("changes, drop, named", [
+    ({"steps": [4, 5]}, (), ["steps of another type"]),
+    ({}, ("cpp_kernels",), ["cpp_kernels missing"]),
+    ({"height": "64", "unet_batch": True, "artifacts": ["fx_graph"]}, ("made", "sha256"),
+     ["height of another type", "unet_batch of another type", "artifacts of another type", "made missing",
+      "sha256 missing"]),
+], ids=["steps-as-numbers", "no-kernel-count", "several"])
+def test_a_damaged_manifest_is_refused_in_one_sentence(cache_file, tmp_path, changes, drop, named):
+    path = rewritten(cache_file, tmp_path, drop=drop, **changes)
+    with pytest.raises(helpers.CompileCacheMismatch) as refused:
+        compile_cache.check_compile_cache(path, small(), steps="04")
+    message = str(refused.value)
+    assert message.startswith("room.zip has a damaged manifest (") and "\n" not in message
+    assert message.endswith("make it again with `python -m helpers warm --out FILE`.")
+    for text in named:
+        assert text in message
+
+
+def test_damaged_contents_are_refused_and_artifacts_that_dont_load_too_without_a_traceback(
+        cache_file, tmp_path, monkeypatch, capfd):
+    garbage = b"not torch's compile artifacts"
+    with zipfile.ZipFile(cache_file) as archive:
+        kernel = next(name for name in archive.namelist() if name.startswith(compile_cache.KERNELS_PREFIX))
+    for member in (compile_cache.ARTIFACTS_NAME, kernel):  # the bytes differ from those saved: refused up front
+        with pytest.raises(helpers.CompileCacheMismatch, match=f"room.zip is damaged \\({member} not as saved\\)"):
+            compile_cache.check_compile_cache(rewritten(cache_file, tmp_path, members={member: garbage}), small())
+    # Checksums that agree with broken artifacts, as where torch saved what it can't read back: refused on loading.
+    (tmp_path / "forged").mkdir()
+    sums = {**compile_cache.read_manifest(cache_file).get("sha256", {}),
+            compile_cache.ARTIFACTS_NAME: hashlib.sha256(garbage).hexdigest()}
+    forged = rewritten(cache_file, tmp_path / "forged", members={compile_cache.ARTIFACTS_NAME: garbage}, sha256=sums)
+    compile_cache.check_compile_cache(forged, small(), steps="04")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    capfd.readouterr()
+    with pytest.raises(helpers.CompileCacheMismatch, match="room.zip's compile artifacts did not load .*helpers warm"):
+        compile_cache.load_compile_cache(forged)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "un-pickle" not in err, err
+    assert not list((tmp_path / "inductor").rglob("*.so"))  # none of its kernels written either
+
+
+def test_the_check_before_a_run_needs_each_compiled_step_of_the_run(cache_file):
+    manifest = compile_cache.check_compile_cache(cache_file, small(), steps=["01", "02", "03", "04", "05", "08"])
+    assert manifest["steps"] == ["04", "05"]
+    with pytest.raises(helpers.CompileCacheMismatch) as refused:
+        compile_cache.check_compile_cache(cache_file, small(), steps=["03", "04", "05", "06", "07"])
+    assert str(refused.value) == ("room.zip holds the compiled steps 04, 05, not 06, 07: warm it with "
+                                  "`python -m helpers warm --out FILE --only 06,07` (or 04-07 for all of them).")
+
+
+def test_a_cold_start_inherits_no_triton_cache_folder(tmp_path, monkeypatch):
+    """Inductor writes TRITON_CACHE_DIR into os.environ once a process makes a Triton kernel: a "cold" child that
+    inherited it would find the notebook's kernels. A stand-in child (no pipeline) writes back its environment."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        "json.dump({'env': dict(os.environ)}, open(sys.argv[-1], 'w'))\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stand_in))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "notebook" / "triton" / "0"))
+    result = coldstart.time_start("cold", small(), tmp_path / "work")
+    assert "TRITON_CACHE_DIR" not in result["env"]
+    assert result["env"]["TORCHINDUCTOR_CACHE_DIR"] == result["cache_dir"]
+
+
+def test_the_package_starts_steady_time_is_labelled_not_comparable(tmp_path):
+    params = small(out_dir=str(tmp_path))
+    measured = {"compile_mode": "max-autotune", "device": "GPU", "import_s": 1.0, "load_s": 2.0, "prepare_s": 3.0,
+                "first_call_s": 4.0, "to_first_image_s": 10.0, "median_s": 0.5, "iqr_s": 0.01,
+                "fx_graph_cache": {"hits": 0, "misses": 0}}
+    package = coldstart.record_start(params, {**measured, "way": "package", "compile": "aot"})
+    disk = coldstart.record_start(params, {**measured, "way": "disk", "compile": "full"})
+    assert package["steady_caveat"] == "not comparable: no CUDA graphs, eager VAE" and disk["steady_caveat"] is None
+    assert "0.500 s per image (IQR 0.010 s, not comparable: no CUDA graphs, eager VAE)" in coldstart.describe_start(
+        package)
+    assert "not comparable" not in coldstart.describe_start(disk)
+    figure = coldstart.draw_starts([disk, package])
+    texts = [text.get_text() for text in figure.axes[0].texts]
+    assert "not comparable" in texts[1] and "not comparable" not in texts[0]
+
+
+def test_the_appendix_states_its_gpu_time_and_what_the_estimate_rests_on():
+    sentence = coldstart.gpu_estimate(["default", "max-autotune"], "max-autotune")
+    # Cold starts of default and max-autotune, the package's max-autotune compile, a regional one, 3 warm starts.
+    assert "9.5-34 minutes, for 2 cold starts (default, max-autotune)" in sentence
+    assert "3-10 minutes per cold max-autotune compile" in sentence and "not measurements" in sentence
+    cells = [cell for cell in nbformat.read(NOTEBOOKS / "08_cold_start.ipynb", as_version=4).cells
+             if cell.cell_type == "code"]
+    assert "print(coldstart.gpu_estimate(modes, params.compile_mode))" in cells[1].source  # after the parameters
 
 
 def run_helpers(*args, env=None):
@@ -158,12 +252,17 @@ def run_helpers(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_the_runner_refuses_a_mismatched_file_before_any_notebook(cache_file, tmp_path):
-    done = run_helpers("run", "--model", "tiny", "--height", "128", "--width", "64", "--compile-mode", "default",
-                       "--only", "04", "--compile-cache", str(cache_file), "--out", str(tmp_path / "run"))
-    assert done.returncode == 2
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: room.zip was made for height 64, but here it is height 128")
+@pytest.mark.parametrize("rewrite, height, refusal", [
+    ({}, "128", "room.zip was made for height 64, but here it is height 128"),
+    ({"steps": [4]}, "64", "room.zip has a damaged manifest (steps of another type)"),
+    ({"members": {"artifacts.bin": b"damaged"}}, "64", "room.zip is damaged (artifacts.bin not as saved)"),
+], ids=["mismatched", "damaged-manifest", "damaged-artifacts"])
+def test_the_runner_refuses_a_file_before_any_notebook_in_one_line(cache_file, tmp_path, rewrite, height, refusal):
+    path = rewritten(cache_file, tmp_path, **rewrite)
+    done = run_helpers("run", "--model", "tiny", "--height", height, "--width", "64", "--compile-mode", "default",
+                       "--only", "04", "--compile-cache", str(path), "--out", str(tmp_path / "run"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {refusal}")
     assert not (tmp_path / "run" / "notebooks").exists()
 
 
@@ -205,18 +304,23 @@ def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
 
 
 @pytest.mark.notebooks
-def test_the_unet_package_makes_the_pipelines_image(tmp_path):
-    """The tiny UNet exported and compiled ahead of time, then run by the pipeline in its module's place."""
+def test_the_unet_package_holds_no_weights_and_makes_the_pipelines_image_with_the_pipelines(tmp_path):
+    """The tiny UNet exported and compiled ahead of time without its weights, then run by the pipeline in its
+    module's place with the module's own weights."""
     params = helpers.Params(**{**SMALL, "out_dir": str(tmp_path)})
     pipe = helpers.build("tiny", through="03", compile=False, verbose=False)
     pipe.set_progress_bar_config(disable=True)
     eager = helpers.generate(pipe, params)
     package = coldstart.package_unet(pipe, params, tmp_path / "unet.pt2")
+    # A weight's bytes, as the package would hold them (raw, in its shared library): found in none of its files.
+    weight = max((t for t in pipe.unet.state_dict().values() if t.ndim == 2), key=torch.Tensor.nelement)
+    snippet = weight.detach().flatten()[:64].contiguous().view(torch.uint8).numpy().tobytes()
+    with zipfile.ZipFile(package) as archive:
+        assert not [name for name in archive.namelist() if snippet in archive.read(name)]
     coldstart.load_unet_package(pipe, package)
     packaged = helpers.generate(pipe, params)
     scores = helpers.quality(packaged, eager)
     assert scores["ssim"] > 0.95 and scores["max_abs_diff"] < 0.2, scores  # bfloat16, another order of the sums
-    assert (tmp_path / "unet.pt2").stat().st_size > 1_000_000
 
 
 @pytest.mark.notebooks
@@ -233,6 +337,7 @@ def test_the_cold_start_appendix_measures_every_start(series):
     assert by_way["disk"]["first_call"] == "warm" and by_way["disk"]["warm_from"] == "Inductor's cache folder"
     assert by_way["file"]["first_call"] == "warm" and by_way["file"]["warm_from"] == "compile-cache.zip"
     assert by_way["package"]["first_call"] == "not compiled" and by_way["package"]["compile"] == "aot"
+    assert by_way["package"]["steady_caveat"] == coldstart.PACKAGE_STEADY_CAVEAT and not by_way["file"]["steady_caveat"]
     (regional,) = [r for r in records if r["compile"] == "regional"]
     assert regional["first_call"] == "cold"
     for record in records:
@@ -240,7 +345,7 @@ def test_the_cold_start_appendix_measures_every_start(series):
     folder = out / coldstart.COLD_START_DIR
     for chart in ("compile_modes.png", "starts.png"):
         assert Image.open(folder / chart).size[0] > 600
-    assert coldstart.read_manifest(folder / "compile-cache.zip")["steps"] == ["04"]
+    assert compile_cache.read_manifest(folder / "compile-cache.zip")["steps"] == ["04"]
     assert "== 08 cold start (08_cold_start.ipynb)" in log and "time to the first image (max-autotune): cold" in log
     assert SERIES_ARGS[:2] == ["--model", "tiny"]
 
