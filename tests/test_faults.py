@@ -7,6 +7,7 @@ full one are simulated: `failing_writes` makes every write under a folder raise 
 
 import builtins
 import errno
+import inspect
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from test_runner import RECORD_A_STEP, stand_in_notebooks
 
 import helpers.__main__ as cli
 import helpers.runner as runner
-from helpers import ModelUnavailable, Params, check_model, load_pipeline, record_step
+from helpers import ModelUnavailable, Params, check_model, load_pipeline, quality, record_step
 from helpers.results import RESULTS_FILE, OutputError, append_record, load_records
 from helpers.timing import Measurement
 
@@ -138,9 +139,38 @@ def test_a_step_is_scored_against_its_own_baseline_when_runs_share_a_folder(tmp_
     assert np.array_equal(np.asarray(Image.open(tmp_path / first["image"])), np.asarray(image_of(0)))
 
 
-def start_run(started, out, seed, only="01,02"):
+def stand_in_image(step, seed, height, width):
+    """What a stand-in for notebook 01 or 02 draws: noise that the seed decides for 01; for 02 the same with a small
+    change (as lower precision makes), larger for seed 1 than for seed 0, so that each seed's 02 scores its own."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3)).astype(np.int16)
+    if step == "02":
+        pixels += rng.integers(-2 - seed, 3 + seed, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def recording_stand_in(step, dtype):
+    """A stand-in notebook's cell: it reads the injected parameters and records its step as the course's notebooks
+    do (`record_step`: the image saved, scored against the baseline that 01 recorded), with no pipeline built."""
+    return "\n".join([
+        "import numpy as np",
+        "from PIL import Image",
+        "import helpers",
+        "from helpers.timing import Measurement",
+        inspect.getsource(stand_in_image),
+        "params = helpers.Params.from_cell(globals())",
+        "height, width = helpers.image_size(params)",
+        f"image = stand_in_image({step!r}, params.seed, height, width)",
+        "measurement = Measurement([0.2, 0.3], 0.5, params.warmup)",
+        f"helpers.record_step({step!r}, measurement, params, dtype={dtype!r}, image=image)",
+    ])
+
+
+def start_run(started, notebooks, out, seed, only="01,02"):
+    """`python -m helpers run` with the notebooks in the folder `notebooks`, in a process of its own."""
     started.append(subprocess.Popen(
-        [sys.executable, "-m", "helpers", "run", "--out", str(out), "--seed", str(seed), "--only", only, *TINY_RUN],
+        [sys.executable, "-c", STAND_IN_RUNNER, str(notebooks), "run", "--out", str(out), "--seed", str(seed),
+         "--only", only, *TINY_RUN],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     ))
     return started[-1]
@@ -149,11 +179,6 @@ def start_run(started, out, seed, only="01,02"):
 def finish(process):
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
-
-
-def scores_by_seed(out):
-    """{seed: step 02's quality} from a folder where each seed ran once."""
-    return {r["params"]["seed"]: r["quality"] for r in load_records(out) if r["step"] == "02"}
 
 
 def check_records_point_at_their_own_files(out):
@@ -168,27 +193,39 @@ def check_records_point_at_their_own_files(out):
             assert images[record["baseline_image"]]["params"]["seed"] == record["params"]["seed"]
 
 
-@pytest.mark.notebooks
-def test_runs_sharing_a_folder_one_after_the_other_or_at_once_score_as_each_would_alone(tmp_path, started):
+def test_runs_sharing_a_folder_one_after_the_other_or_at_once_score_as_each_would_alone(tmp_path, started,
+                                                                                        monkeypatch):
     """Seed 1 runs 01 and 02 alone in `one_after_the_other`; then seed 0 runs 01 there, and seed 1 runs 02 again: its
-    baseline is still its own 01. Meanwhile seed 0 runs alone in `alone`, and both seeds at once in `at_once`."""
-    one_after_the_other, alone, at_once = tmp_path / "one-after-the-other", tmp_path / "alone", tmp_path / "at-once"
-    others = [start_run(started, alone, 0), start_run(started, at_once, 0), start_run(started, at_once, 1)]
+    baseline is still its own 01. Meanwhile seeds 0 and 1 run at once in `at_once`. The runs execute stand-ins for 01
+    and 02 that record as the course's notebooks do, images that the injected parameters decide: what each seed's 02
+    scores alone is its image's quality against its own 01 image."""
+    one_after_the_other, at_once = tmp_path / "one-after-the-other", tmp_path / "at-once"
+    notebooks = tmp_path / "stand-ins"
+    notebooks.mkdir()
+    stand_in_notebooks(notebooks, {"01_baseline.ipynb": [recording_stand_in("01", "float32")],
+                                   "02_bfloat16.ipynb": [recording_stand_in("02", "bfloat16")]})
+    others = [start_run(started, notebooks, at_once, 0), start_run(started, notebooks, at_once, 1)]
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
     for seed, only in ((1, "01,02"), (0, "01"), (1, "02")):  # in this process: one interpreter start each spared
         argv = ["run", "--out", str(one_after_the_other), "--seed", str(seed), "--only", only, *TINY_RUN]
         assert cli.main(argv) == 0
     for process in others:
         finish(process)
-    on_its_own = {0: scores_by_seed(alone)[0], 1: load_records(one_after_the_other)[1]["quality"]}
+    on_its_own = {seed: quality(stand_in_image("02", seed, 64, 64), stand_in_image("01", seed, 64, 64))
+                  for seed in (0, 1)}
+    assert on_its_own[0]["psnr_db"] > on_its_own[1]["psnr_db"] + 1  # each seed's 02 scores a score of its own
     shared = [r for folder in (one_after_the_other, at_once) for r in load_records(folder) if r["step"] == "02"]
     assert len(shared) == 4
     for record in shared:
         expected = on_its_own[record["params"]["seed"]]
         assert record["quality"]["ssim"] == pytest.approx(expected["ssim"], abs=1e-6), record["params"]["seed"]
         assert record["quality"]["psnr_db"] == pytest.approx(expected["psnr_db"], abs=1e-4)
-        assert record["quality"]["ssim"] > 0.9
+        assert record["quality"]["ssim"] > 0.9  # against another seed's 01, noise against noise, it would be near 0
     for folder in (one_after_the_other, at_once):
         check_records_point_at_their_own_files(folder)
+        for record in load_records(folder):  # the image its own notebook drew, at the injected seed and size
+            drawn = stand_in_image(record["step"], record["params"]["seed"], 64, 64)
+            assert np.array_equal(np.asarray(Image.open(folder / record["image"])), np.asarray(drawn)), record
 
 
 def test_an_output_folder_that_holds_the_course_notebooks_is_refused(tmp_path, monkeypatch, capsys):
