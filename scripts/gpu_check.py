@@ -1,23 +1,56 @@
-"""Check every GPU code path of the course in one short run and end with a table of what each check found.
+"""Check the course's GPU code paths in a run of a few minutes and end with a table of what each check found.
 
-    python scripts/gpu_check.py --out DIR [--budget-s 480]
+    python scripts/gpu_check.py --out DIR [--within-s S] [--pytest]
 
-On a machine with an NVIDIA GPU it checks, with `sdxl-random` (full-size SDXL, random weights) at a small size:
-the test suite (without the notebook series and the browser); all seven notebooks headless, with each step's
-dtype, compile mode, first call and attention kernel; the int8 matmul path (`torch._int_mm`); regional compilation
-with max-autotune (CUDA graphs per block) against max-autotune-no-cudagraphs; the flags panel's rebuild; freeing a
-pipeline; and the refusal to load beside another process that holds the GPU's memory.
-Without a GPU it runs the same checks on the CPU with the tiny model (the test suite excepted: CI runs it), and says
-which ones only a GPU can answer.
+Every check has a time limit of its own; the plan, printed first, gives them, and they add up to the budget (the
+plan's own sum, or --budget-s, scaled down to --within-s). A check that reaches its limit gets SIGTERM, then SIGKILL
+after a grace period (both within the limit), and is marked "timed out after N s"; the next check then starts. The
+checks run in child processes: one worker runs the in-process checks in turn (after a timeout a new worker takes
+the rest, its start-up counted in the next check's limit), the course's runner the notebooks, pytest the tests.
 
-DIR gets at most 8 files: check.txt (the table), checks.json, pytest.txt, results.json, latency_per_step.png and
-run.txt (the runner's console). `bash scripts/gpu_check.sh` wraps this with an optional folder of wheels.
+The plan on an H100/H200 from an empty Inductor cache, with `sdxl-random` (full-size SDXL, random weights) at
+512x512 and 4 steps. The limits are estimates, with room, not yet measured there:
+
+    check                                        limit  what it does, and why it fits
+    environment                                    30   the worker's imports (the first after installing wheels:
+                                                        bytecode compiled too), CUDA's start, 53 8192^3 matmuls
+    int8 matmul path                               25   one 1280x1280 int8 linear layer, eager and compiled
+    flags panel rebuild frees                      25   the tiny model compiled regionally under CUDA graphs
+                                                        (reduce-overhead: nothing to autotune), then rebuilt eager
+    load beside a busy GPU                         15   a second process fills the GPU; loading is refused
+    regional blocks, max-autotune                 110   the check's one cold compile of SDXL code: the blocks at
+                                                        their two widths (640 and 1280 channels), autotuned, with
+                                                        CUDA graphs; 5 images of 4 steps and 2 profiled ones of 1
+    regional blocks, max-autotune-no-cudagraphs    35   the same graphs again: kernels and autotuning from the cache
+    notebooks 01-03 headless                       90   3 kernels of ~25 s: start, imports, SDXL initialised on the
+                                                        GPU, 3 images of 4 steps, the record; the runner's start
+    total                                         330   gpu_check.sh passes what is left of its 6 minutes
+
+The regional rows compile the UNet's repeated blocks of step 05's pipeline (bf16, SDPA, fused QKV; int8 has a row
+of its own) as step 07 does; the VAE decoder stays eager: a whole-graph compile like step 04's, it would take
+longer than the questions need. The first answers whether pytorch/pytorch#152887 (a CUDA-graph output
+"overwritten by a subsequent run" when blocks compiled one by one run in sequence) hits SDXL with this torch: its
+error, or the fallback to max-autotune-no-cudagraphs that `helpers.generate` reports, is the finding. The
+notebooks after 03 and the full size, where one compile takes minutes, are scripts/gpu_reference.sh's.
+`--pytest` adds the test suite (without the notebook series and the browser, which other rows and CI cover), with
+a limit of its own; it does not fit beside the rest in 6 minutes.
+
+The regional rows come last among the worker's checks, so that a timeout there costs no other check a new worker.
+Without a GPU the checks run on the CPU with the tiny model, in at most 3 minutes on 2 cores (limits: environment
+25, int8 20, flags panel 15, regional 65, notebooks 45): notebook 01 only, the regional compile once, the flags
+panel and int8 eager; the rows only a GPU can answer say "n/a". There the children run on one thread each
+(OMP_NUM_THREADS=1 unless set): they check that each path runs, not its speed, and threads competing with other
+work make a small machine several times slower.
+
+DIR gets at most 8 files: check.txt (the table), checks.json, results.json, latency_per_step.png, run.txt (the
+runner's console) and pytest.txt. `bash scripts/gpu_check.sh` wraps this with an optional folder of wheels.
 """
 
 import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,74 +61,69 @@ from pathlib import Path
 
 import torch
 
-import helpers
-from helpers.results import device_name, package_versions
-
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
+# The most between SIGTERM and SIGKILL, taken from the check's own limit so that none runs past it: the runner and
+# pytest clean up on SIGTERM; a worker has nothing to clean up and ends at once, its group with it.
+GRACE_S, WORKER_GRACE_S = 10, 2
+# (check, seconds) in the order they run: on an H100/H200 (see above), and on a 2-core CPU with the tiny model.
+GPU_PLAN = [("environment", 30), ("int8 matmul path", 25), ("flags panel rebuild frees", 25),
+            ("load beside a busy GPU", 15), ("regional blocks, max-autotune", 110),
+            ("regional blocks, max-autotune-no-cudagraphs", 35), ("notebooks", 90)]
+CPU_PLAN = [("environment", 25), ("int8 matmul path", 20), ("flags panel rebuild frees", 15),
+            ("regional blocks, max-autotune", 65), ("notebooks", 45)]
+GPU_ONLY = {
+    "load beside a busy GPU": "n/a without a GPU",
+    "regional blocks, max-autotune-no-cudagraphs": "n/a without a GPU: on a CPU, the max-autotune row's compile",
+}
+PYTEST_S = 300
+# What CUDA-graph trees raise when a graph's output is read after a later replay wrote over it (pytorch#152887).
+OVERWRITTEN = "overwritten by a subsequent run"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the table and what the checks wrote")
-    parser.add_argument("--budget-s", type=float, default=480, help="stop starting new checks after this (480)")
+    parser.add_argument("--out", help="folder for the table and what the checks wrote")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="the sum of the limits (default: the plan's, 330 s on a GPU); the limits are scaled")
+    parser.add_argument("--within-s", type=float, default=None,
+                        help="scale the limits down to end within this many seconds (gpu_check.sh passes it)")
     parser.add_argument("--model", default="sdxl-random" if CUDA else "tiny")
     parser.add_argument("--size", type=int, default=512 if CUDA else 96, help="image height and width")
     parser.add_argument("--steps", type=int, default=4 if CUDA else 1)
-    parser.add_argument("--notebooks", default="01-07", help="the notebooks to run headless, as the runner's --only")
-    parser.add_argument("--pytest", action=argparse.BooleanOptionalAction, default=CUDA,
-                        help="run the test suite first (default: on a GPU only; CI runs it on the CPU)")
-    return parser.parse_args(argv)
+    parser.add_argument("--notebooks", default="01-03" if CUDA else "01",
+                        help="the notebooks to run headless, as the runner's --only (default 01-03; 01 on a CPU)")
+    parser.add_argument("--pytest", action=argparse.BooleanOptionalAction, default=False,
+                        help=f"run the test suite too, with a limit of {PYTEST_S} s (CI runs it on the CPU)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # the checks to run in this process, for the parent
+    parser.add_argument("--events", help=argparse.SUPPRESS)  # where the worker says what it is doing and found
+    args = parser.parse_args(argv)
+    if not args.worker and not args.out:
+        parser.error("--out is required")
+    return args
 
 
-class Checks:
-    """Runs each check with what is left of the budget, and keeps one row per check: status, seconds, findings."""
-
-    def __init__(self, out, budget_s):
-        self.out, self.deadline, self.rows = out, time.monotonic() + budget_s, []
-
-    def left_s(self):
-        return self.deadline - time.monotonic()
-
-    def run(self, name, check, *args, needs_s=30):
-        if self.left_s() < needs_s:
-            self.rows.append({"check": name, "status": "not run", "seconds": 0, "found": "out of time"})
-            return None
-        print(f"== {name} ({self.left_s():.0f} s left)", flush=True)
-        start = time.monotonic()
-        try:
-            found = check(*args)
-            status = "ok"
-        except Exception as error:  # a check that breaks is a finding: record it and go on to the next
-            traceback.print_exc()
-            found, status = f"{type(error).__name__}: {str(error).strip()[:300]}", "FAILED"
-        self.rows.append({"check": name, "status": status, "seconds": round(time.monotonic() - start, 1),
-                          "found": found})
-        print(f"   {status}: {found}", flush=True)
-        return found
-
-    def table(self):
-        lines = [f"{'check':<46}{'status':<9}{'seconds':>8}  found"]
-        for row in self.rows:
-            found = row["found"] if isinstance(row["found"], str) else json.dumps(row["found"], default=str)
-            lines.append(f"{row['check']:<46}{row['status']:<9}{row['seconds']:>8}  {found}")
-        return "\n".join(lines)
+def plan(args):
+    """[(check, limit in seconds)]: the device's plan, the limits scaled to the budget and to --within-s."""
+    steps = [(f"notebooks {args.notebooks} headless" if name == "notebooks" else name, seconds)
+             for name, seconds in (GPU_PLAN if CUDA else CPU_PLAN)]
+    if args.pytest:
+        steps.append(("pytest (no series, no browser)", PYTEST_S))
+    total = sum(seconds for _, seconds in steps)
+    budget = int(min(args.budget_s or total, args.within_s or float("inf")))
+    exact = [seconds * budget / total for _, seconds in steps]
+    limits = [int(x) for x in exact]
+    for i in sorted(range(len(steps)), key=lambda i: limits[i] - exact[i])[:budget - sum(limits)]:
+        limits[i] += 1  # the seconds lost to rounding down, to the checks that lost most: the sum is the budget
+    return [(name, limit) for (name, _), limit in zip(steps, limits)]
 
 
-def run_logged(command, log, timeout_s):
-    """Run `command` from the repository's root with its console kept in `log`; a timeout keeps what it printed."""
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as expired:
-        printed = [part.decode(errors="replace") if isinstance(part, bytes) else part or ""
-                   for part in (expired.stdout, expired.stderr)]
-        log.write_text("".join(printed)[-250_000:])
-        raise RuntimeError(f"stopped after {timeout_s:.0f} s ({log.name} has what it printed)") from None
-    log.write_text(done.stdout[-200_000:] + done.stderr[-50_000:])
-    return done
+# The worker's checks. Each returns what it found; an exception is a finding too.
 
+def environment(args):
+    import helpers
+    from helpers.results import device_name, package_versions
 
-def environment():
     found = {"device": device_name(), "versions": package_versions()}
     if CUDA:
         found["matmul_autotuning"] = helpers.matmul_autotuning("cuda")
@@ -104,50 +132,11 @@ def environment():
     return found
 
 
-def test_suite(out, timeout_s):
-    """The tests, on this machine's device; the notebook series and the browser are checked elsewhere."""
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not notebooks and not browser"]
-    done = run_logged(command, out / "pytest.txt", timeout_s)
-    summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
-    if done.returncode != 0:
-        raise RuntimeError(f"pytest exit {done.returncode}: {summary}")
-    return summary
+def int8_path(args):
+    """torchao's dynamic int8 on one SDXL-sized linear layer: which matmul ran, eager and compiled (on a GPU), and
+    how close to the bf16 layer."""
+    import helpers
 
-
-def notebooks(out, args, timeout_s):
-    """All seven notebooks headless, one shared Inductor cache; per step: status, dtype, compile, first call."""
-    run = Path(tempfile.mkdtemp(prefix="gpu-check-run-"))
-    cache = Path(tempfile.mkdtemp(prefix="gpu-check-inductor-"))
-    command = [
-        sys.executable, "-m", "helpers", "run", "--model", args.model, "--out", str(run), "--steps", str(args.steps),
-        "--height", str(args.size), "--width", str(args.size), "--warmup", "0", "--runs", "2",
-        "--compile-mode", "default", "--inductor-cache", str(cache), "--only", args.notebooks, "--no-progress",
-    ]
-    try:
-        done = run_logged(command, out / "run.txt", timeout_s)
-        for name in ("results.json", "latency_per_step.png"):
-            if (run / name).exists():
-                shutil.copy(run / name, out / name)
-        records = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else []
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
-    steps = {
-        r["step"]: {
-            "status": r["status"], "dtype": r["dtype"],
-            "compile": r["params"]["compile_mode"] if r["step"] >= "04" else "eager",
-            "first_call_s": r["first_call_s"] and round(r["first_call_s"], 1),
-            "median_s": r["median_s"] and round(r["median_s"], 3),
-        }
-        for r in records
-    }
-    if done.returncode != 0 or not steps:
-        raise RuntimeError(f"runner exit {done.returncode}, {len(steps)} records (run.txt has its console)")
-    return steps
-
-
-def int8_path():
-    """torchao's dynamic int8 on one SDXL-sized linear layer: which matmul ran, eager and compiled, and how close."""
     helpers.require_torchao()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
@@ -155,14 +144,14 @@ def int8_path():
     dtype = helpers.low_precision_dtype(device, verbose=False)
     layer = torch.nn.Linear(1280, 1280, device=device, dtype=dtype)
     inputs = torch.randn(2, 1024, 1280, device=device, dtype=dtype)  # batch 2 (guidance), 32x32 tokens
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])
     with torch.no_grad():
         reference = layer(inputs)
         quantize_(layer, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
-        found = {}
-        for label, run in (("eager", layer), ("compiled", torch.compile(layer, fullgraph=True))):
+        found = {} if CUDA else {"compiled": "n/a on a CPU: the compiled kernel is the GPU's question"}
+        for label, run in [("eager", layer)] + ([("compiled", torch.compile(layer, fullgraph=True))] if CUDA else []):
             run(inputs)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                        + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])) as prof:
+            with torch.profiler.profile(activities=activities) as prof:
                 output = run(inputs)
             names = {event.key for event in prof.key_averages()}
             error = ((output - reference).abs().max() / reference.abs().max()).item()
@@ -173,49 +162,82 @@ def int8_path():
 
 
 def regional(args, mode):
-    """Step 07's pipeline compiled regionally in `mode`: compile time, steady latency, attention kernel, memory."""
+    """The repeated blocks of step 05's pipeline compiled in `mode`, as step 07 compiles them, the VAE decoder
+    eager: compile time, latency, attention kernel, memory, and on a GPU whether pytorch#152887 hit."""
+    import helpers
+    from helpers import ladder
+
+    torch.compiler.reset()  # the code compiled for earlier pipelines would count toward the blocks' recompile limit
     params = helpers.Params(model=args.model, steps=args.steps, height=args.size, width=args.size)
-    pipe = helpers.build(args.model, through="06", compile=False, verbose=False)
+    pipe = helpers.build(args.model, through="05", compile=False, verbose=False)
     helpers.compile_regions(pipe, mode=mode)
-    measurement = helpers.benchmark(lambda: helpers.generate(pipe, params), warmup=1, runs=3, progress=False)
+    del pipe.vae.decode  # the class's own, eager, decode again
+    fallbacks = getattr(ladder, "cudagraph_fallbacks", [])  # what helpers say when they fall back
+    before = len(fallbacks)
+    stage("the first call, which compiles")
+    try:
+        measurement = helpers.benchmark(lambda: helpers.generate(pipe, params), warmup=1, runs=3, progress=False)
+    except RuntimeError as error:
+        if OVERWRITTEN not in str(error):
+            raise
+        raise RuntimeError(f"pytorch/pytorch#152887 hits SDXL with torch {torch.__version__}: "
+                           f"{str(error).strip().splitlines()[0][:300]}") from None
+    stage("the attention probe")
     found = {
         "first_call_s": round(measurement.first_call_s, 1),
         "median_s": round(measurement.median_s, 3),
         "iqr_s": round(measurement.iqr_s, 3),
         "attention": helpers.attention_kernels(pipe, params) or "none",  # read from ops and GPU kernel names
+        "blocks": helpers.pipeline_state(pipe)["compiled"].get("repeated_blocks"),
     }
+    if CUDA and mode == "max-autotune":
+        fell_back = fallbacks[before:]
+        found["pytorch#152887"] = (f"hits: {fell_back[0]}" if fell_back else
+                                   f"not hit in 7 images under CUDA graphs, torch {torch.__version__}")
     if CUDA:
         found["peak_gb"] = {"steady": round(measurement.peak_memory_gb, 2),
                             "first_call": round(measurement.first_call_peak_memory_gb, 2)}
     pipe = measurement = None
+    torch.compiler.reset()
     helpers.free_memory()
     return found
 
 
 def flags_panel_rebuild(args):
-    """The flags panel builds a compiled pipeline, then an eager one: the first must be gone, its memory with it."""
-    params = helpers.Params(model=args.model, steps=args.steps, height=args.size, width=args.size, warmup=0, runs=1)
+    """The flags panel builds one pipeline, then another: the first must be gone, its memory with it. On a GPU the
+    first is the tiny model compiled regionally under CUDA graphs, whose memory pools only a compiler reset frees;
+    on a CPU it is eager (the compile would take most of the CPU form's minutes; tests/test_widgets compiles it)."""
+    import helpers
+
+    params = helpers.Params(model="tiny", steps=args.steps, height=args.size, width=args.size, warmup=0, runs=1)
     panel = helpers.flags_panel(params)
-    panel.compile.value, panel.compile_mode.value = "regional", "default"
+    if CUDA:
+        panel.compile.value, panel.compile_mode.value = "regional", "reduce-overhead"
+    stage("the first build")
     panel.button.click()
     if panel.message.value:
         raise RuntimeError(panel.message.value)
-    first = weakref.ref(panel.pipe)
-    held_gb = torch.cuda.memory_allocated() / 1e9 if CUDA else None
+    first, held = weakref.ref(panel.pipe), gpu_memory_gb()
     panel.compile.value = "off"
+    stage("the rebuild")
     panel.button.click()
-    found = {"previous_pipeline_freed": first() is None}
-    if CUDA:
-        after_gb = torch.cuda.memory_allocated() / 1e9
-        found["allocated_gb"] = {"compiled": round(held_gb, 2), "after_rebuild": round(after_gb, 2)}
+    found = {"first": "regional, reduce-overhead" if CUDA else "eager", "previous_pipeline_freed": first() is None}
+    rebuilt = gpu_memory_gb()
     panel.release_pipeline()
     helpers.free_memory()
     found["pipelines_left"] = len(helpers.live_pipelines())
     if CUDA:
-        found["allocated_gb"]["after_release"] = round(torch.cuda.memory_allocated() / 1e9, 2)
+        found["gpu_gb"] = {"first": held, "after_rebuild": rebuilt, "after_release": gpu_memory_gb()}
     if not found["previous_pipeline_freed"] or found["pipelines_left"]:
         raise RuntimeError(f"a pipeline outlived its panel: {found}")
     return found
+
+
+def gpu_memory_gb():
+    if not CUDA:
+        return None
+    return {"allocated": round(torch.cuda.memory_allocated() / 1e9, 3),
+            "reserved": round(torch.cuda.memory_reserved() / 1e9, 3)}
 
 
 HOLD_MEMORY = """
@@ -228,20 +250,22 @@ time.sleep(120)
 
 
 def busy_gpu(args):
-    """Another process holds nearly all of the GPU: loading must stop with one sentence naming it, not crash later."""
-    if not CUDA:
-        return "n/a without a GPU"
+    """Another process holds nearly all of the GPU: loading must stop with one sentence, naming the process where
+    nvidia-smi lists it (inside a container it usually lists none), not crash later."""
+    import helpers
+    from helpers.models import GpuMemoryBusy, gpu_memory_held_by_others
+
     holder = subprocess.Popen([sys.executable, "-c", HOLD_MEMORY, "2"], stdout=subprocess.PIPE, text=True)
     try:
         if holder.stdout.readline().strip() != "holding":
             raise RuntimeError("the process meant to hold the GPU's memory did not start")
         try:
             helpers.load_pipeline(args.model, dtype=helpers.low_precision_dtype(verbose=False), verbose=False)
-        except helpers.models.GpuMemoryBusy as error:
-            message = str(error)
-            if str(holder.pid) not in message or "\n" in message:
-                raise RuntimeError(f"the refusal does not name pid {holder.pid} in one line: {message}") from None
-            return message
+        except GpuMemoryBusy as error:
+            message, named = str(error), gpu_memory_held_by_others().pids
+            if "\n" in message or (named and str(holder.pid) not in message):
+                raise RuntimeError(f"the refusal is not one line naming pid {holder.pid}: {message}") from None
+            return message if named else f"{message} [nvidia-smi names no process here, so the refusal names none]"
         raise RuntimeError("loaded beside a process holding all but 2 GB of the GPU")
     finally:
         holder.kill()
@@ -249,27 +273,232 @@ def busy_gpu(args):
         helpers.free_memory()
 
 
+WORKER_CHECKS = {
+    "environment": environment,
+    "int8 matmul path": int8_path,
+    "regional blocks, max-autotune": lambda args: regional(args, "max-autotune"),
+    "regional blocks, max-autotune-no-cudagraphs": lambda args: regional(args, "max-autotune-no-cudagraphs"),
+    "flags panel rebuild frees": flags_panel_rebuild,
+    "load beside a busy GPU": busy_gpu,
+}
+_events = None
+
+
+def stage(text):
+    """Tell the parent what the check is doing: the row of a check that times out says where it was."""
+    if _events:
+        _events.write(json.dumps({"stage": text}) + "\n")
+        _events.flush()
+
+
+def work(args):
+    """The worker: run the named checks in turn, writing what each is doing and found to the events file."""
+    global _events
+    _events = open(args.events, "a")
+    for name in args.worker.split(";"):
+        try:
+            found, status = WORKER_CHECKS[name](args), "ok"
+        except Exception as error:  # a check that breaks is a finding: record it and go on to the next
+            traceback.print_exc()
+            found, status = f"{type(error).__name__}: {str(error).strip()[:400]}", "FAILED"
+        _events.write(json.dumps({"status": status, "found": found}, default=str) + "\n")
+        _events.flush()
+    return 0
+
+
+# The parent: starts each child, keeps its limit, makes the table.
+
+def grace_s(limit_s, most=GRACE_S):
+    return min(most, limit_s / 3)
+
+
+def start(command, log=None):
+    """A child in a process group of its own, so that stopping it stops what it started (compile workers, say)."""
+    output = open(log, "w") if log else None
+    try:
+        return subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if log else None,
+                                start_new_session=True)
+    finally:
+        if output:
+            output.close()
+
+
+def stop(process, grace):
+    """SIGTERM to the child's process group, SIGKILL `grace` seconds later; returns once the child is gone."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:  # nothing is left in the group
+            break
+        try:
+            process.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
+def read_events(path):
+    """The worker's events so far: the complete lines of its file."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("\n")]
+
+
+class Checks:
+    def __init__(self, args, work_dir):
+        self.args, self.work_dir, self.rows, self.child = args, work_dir, [], None
+
+    def add(self, name, status, seconds, found):
+        self.rows.append({"check": name, "status": status, "seconds": round(seconds, 1), "found": found})
+        print(f"   {status}: {found}", flush=True)
+
+    def workers(self, limits):
+        """Run the worker's checks, `limits` {name: seconds}; after a timeout or a crash a new worker takes the
+        rest. A check's clock starts when the one before it ends, or when its worker starts."""
+        left = list(limits)
+        while left:
+            events = self.work_dir / f"events-{len(self.rows)}.jsonl"
+            command = [sys.executable, __file__, "--worker", ";".join(left), "--events", str(events), "--model",
+                       self.args.model, "--size", str(self.args.size), "--steps", str(self.args.steps)]
+            print(f"== {left[0]} (limit {limits[left[0]]} s)", flush=True)
+            self.child, started, seen, doing = start(command), time.monotonic(), 0, None
+            while left:
+                ended = self.child.poll() is not None  # before reading, so that no last event is missed
+                for event in read_events(events)[seen:]:
+                    seen += 1
+                    if "stage" in event:
+                        doing = event["stage"]
+                        continue
+                    now = time.monotonic()
+                    self.add(left.pop(0), event["status"], now - started, event["found"])
+                    started, doing = now, None
+                    if left:
+                        print(f"== {left[0]} (limit {limits[left[0]]} s)", flush=True)
+                if not left:
+                    break
+                elapsed, limit = time.monotonic() - started, limits[left[0]]
+                if ended:
+                    self.add(left.pop(0), "FAILED", elapsed, f"the worker ended (exit {self.child.returncode})")
+                    break
+                grace = grace_s(limit, WORKER_GRACE_S)
+                if elapsed >= limit - grace:
+                    stop(self.child, grace)
+                    during = f", in {doing}" if doing else ""
+                    self.add(left.pop(0), "timed out", elapsed, f"timed out after {elapsed:.0f} s{during}")
+                    break
+                time.sleep(0.2)
+            try:  # done: the worker ends by itself; stopping it then ends what it may have left in its group
+                self.child.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            stop(self.child, GRACE_S)
+            self.child = None
+
+    def limited(self, command, log, limit_s):
+        """Run `command`, its console in `log`, until it ends or its limit does: (exit status, None where it was
+        stopped; the seconds until it ended or got SIGTERM)."""
+        self.child, started = start(command, log), time.monotonic()
+        try:
+            self.child.wait(timeout=max(0, limit_s - grace_s(limit_s)))
+            code = self.child.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+        seconds = time.monotonic() - started
+        stop(self.child, grace_s(limit_s))
+        self.child = None
+        return code, seconds
+
+    def notebooks(self, name, limit_s, out):
+        """The notebooks headless in the course's runner; per step: status, dtype, compile, first call, median and
+        the note (a step the limit cut off is recorded by the runner as stopped)."""
+        run, args = self.work_dir / "run", self.args
+        command = [
+            sys.executable, "-m", "helpers", "run", "--model", args.model, "--out", str(run), "--steps",
+            str(args.steps), "--height", str(args.size), "--width", str(args.size), "--warmup", "0", "--runs", "2",
+            "--compile-mode", "default", "--only", args.notebooks, "--no-progress",
+        ]
+        print(f"== {name} (limit {limit_s} s)", flush=True)
+        code, seconds = self.limited(command, out / "run.txt", limit_s)
+        for file in ("results.json", "latency_per_step.png"):
+            if (run / file).exists():
+                shutil.copy(run / file, out / file)
+        records = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else []
+        steps = {r["step"]: {"status": r["status"], "dtype": r["dtype"],
+                             "compile": r["params"]["compile_mode"] if r["step"] >= "04" else "eager",
+                             "first_call_s": r["first_call_s"] and round(r["first_call_s"], 1),
+                             "median_s": r["median_s"] and round(r["median_s"], 3), "note": r["note"]}
+                 for r in records}
+        if code is None:
+            self.add(name, "timed out", seconds, f"timed out after {seconds:.0f} s; steps: {json.dumps(steps)}")
+        elif code != 0 or not steps or any(step["status"] != "ok" for step in steps.values()):
+            self.add(name, "FAILED", seconds, f"runner exit {code} (run.txt has its console); {json.dumps(steps)}")
+        else:
+            self.add(name, "ok", seconds, steps)
+
+    def pytest(self, name, limit_s, out):
+        """The tests on this machine, less the notebook series and the browser, which other rows and CI cover, and
+        less the lint test where ruff is not installed beside this python (a GPU machine's often lacks it)."""
+        command = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not notebooks and not browser"]
+        no_ruff = not (Path(sys.executable).parent / "ruff").exists()
+        if no_ruff:
+            command += ["--deselect", "tests/test_packaging.py::test_code_is_linted"]
+        print(f"== {name} (limit {limit_s} s)", flush=True)
+        code, seconds = self.limited(command, out / "pytest.txt", limit_s)
+        last = ((out / "pytest.txt").read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+        last += " (lint test deselected: no ruff beside this python)" if no_ruff else ""
+        if code is None:
+            self.add(name, "timed out", seconds, f"timed out after {seconds:.0f} s; {last}")
+        else:
+            self.add(name, "ok" if code == 0 else "FAILED", seconds, last if code == 0 else f"exit {code}: {last}")
+
+    def table(self, limits):
+        lines = [f"{'check':<46}{'status':<11}{'limit':>6}{'seconds':>9}  found"]
+        for row in self.rows:
+            found = row["found"] if isinstance(row["found"], str) else json.dumps(row["found"], default=str)
+            limit = limits.get(row["check"], "-")
+            lines.append(f"{row['check']:<46}{row['status']:<11}{limit:>6}{row['seconds']:>9}  {found}")
+        return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
+    if args.worker:
+        return work(args)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checks = Checks(out, args.budget_s)
-    checks.run("environment", environment, needs_s=0)
-    if args.pytest:
-        checks.run("pytest (no series, no browser)", lambda: test_suite(out, max(60, checks.left_s() * 0.3)))
-    checks.run("seven notebooks headless", lambda: notebooks(out, args, max(120, checks.left_s() * 0.5)), needs_s=120)
-    checks.run("int8 matmul path", int8_path)
-    for mode in ("max-autotune", "max-autotune-no-cudagraphs"):
-        checks.run(f"regional compile, {mode}", regional, args, mode, needs_s=60)
-    checks.run("flags panel rebuild frees", flags_panel_rebuild, args, needs_s=60)
-    checks.run("load beside a busy GPU", busy_gpu, args)
-    table = checks.table()
-    header = (f"GPU check on {device_name()}: {args.model} at {args.size}x{args.size}, {args.steps} steps, "
+    steps = plan(args)
+    print(f"Plan on {'a GPU' if CUDA else 'the CPU'}: {sum(seconds for _, seconds in steps)} s in all")
+    for name, seconds in steps:
+        print(f"   {name:<46}{seconds:>5} s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that `finally` stops the child
+    work_dir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work_dir / "inductor")  # empty, and shared by the children
+    if not CUDA:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    checks = Checks(args, work_dir)
+    try:
+        checks.workers({name: seconds for name, seconds in steps if name in WORKER_CHECKS})
+        for name, seconds in steps:
+            if name.startswith("notebooks"):
+                checks.notebooks(name, seconds, out)
+            elif name.startswith("pytest"):
+                checks.pytest(name, seconds, out)
+    finally:
+        if checks.child is not None:
+            stop(checks.child, GRACE_S)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    for name, found in ({} if CUDA else GPU_ONLY).items():
+        checks.rows.append({"check": name, "status": "n/a", "seconds": 0, "found": found})
+    device = next((row["found"]["device"] for row in checks.rows
+                   if row["check"] == "environment" and row["status"] == "ok"), "a device the check could not name")
+    header = (f"GPU check on {device}: {args.model} at {args.size}x{args.size}, {args.steps} steps, "
               f"notebooks {args.notebooks}")
+    table = checks.table(dict(steps))
     (out / "check.txt").write_text(header + "\n" + table + "\n")
-    (out / "checks.json").write_text(json.dumps({"header": header, "rows": checks.rows}, indent=1, default=str))
+    (out / "checks.json").write_text(json.dumps({"header": header, "plan": dict(steps), "rows": checks.rows},
+                                                indent=1, default=str))
     print(header, table, sep="\n")
-    return 0 if all(row["status"] != "FAILED" for row in checks.rows) else 1
+    return 0 if all(row["status"] in ("ok", "n/a") for row in checks.rows) else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,21 +35,68 @@ def test_profile_final_step_on_the_tiny_model(tmp_path):
     assert (out / "trace.json.gz").stat().st_size > 0
 
 
-@pytest.mark.notebooks  # slow: it runs notebooks and compiles
+@pytest.mark.notebooks  # slow: it runs a notebook and compiles
 def test_gpu_check_runs_end_to_end_in_its_cpu_form(tmp_path):
     """The GPU check, without a GPU: the tiny model through every check that a CPU can run, in one table."""
     out = tmp_path / "gpu-check"
     env = {**CPU_ONLY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = ["bash", "scripts/gpu_check.sh", str(out), "--no-pytest", "--notebooks", "01-03", "--budget-s", "1500"]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    rows = {row["check"]: row for row in json.loads((out / "checks.json").read_text())["rows"]}
-    assert all(row["status"] == "ok" for row in rows.values()), rows
-    notebooks = rows["seven notebooks headless"]["found"]
-    assert sorted(notebooks) == ["01", "02", "03"]  # on a GPU all seven; here the eager ones, to save CI time
-    assert all(step["status"] == "ok" and step["median_s"] > 0 for step in notebooks.values())
-    for mode in ("max-autotune", "max-autotune-no-cudagraphs"):
-        assert rows[f"regional compile, {mode}"]["found"]["attention"]  # a backend was seen
+    checks = json.loads((out / "checks.json").read_text())
+    assert sum(checks["plan"].values()) <= 170  # the CPU form's budget: within 3 minutes with the start-up
+    rows = {row["check"]: row for row in checks["rows"]}
+    assert [name for name in rows if name in checks["plan"]] == list(checks["plan"])
+    assert all(row["status"] == "ok" for name, row in rows.items() if name in checks["plan"]), rows
+    assert all(row["seconds"] <= checks["plan"][name] for name, row in rows.items() if name in checks["plan"])
+    notebooks = rows["notebooks 01 headless"]["found"]
+    assert list(notebooks) == ["01"] and notebooks["01"]["status"] == "ok" and notebooks["01"]["median_s"] > 0
+    assert rows["regional blocks, max-autotune"]["found"]["attention"]  # a backend was seen
+    for gpu_only in ("regional blocks, max-autotune-no-cudagraphs", "load beside a busy GPU"):
+        assert rows[gpu_only]["status"] == "n/a"
     assert rows["flags panel rebuild frees"]["found"]["previous_pipeline_freed"]
     assert len(list(out.iterdir())) <= 8
     assert "check" in (out / "check.txt").read_text()
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("cuda, extra, total", [(True, [], 330), (True, ["--within-s", "301"], 301),
+                                                (False, [], 170), (False, ["--budget-s", "7"], 7)])
+def test_the_gpu_checks_limits_add_up_to_its_budget(monkeypatch, cuda, extra, total):
+    gpu_check = load_gpu_check()
+    monkeypatch.setattr(gpu_check, "CUDA", cuda)
+    limits = dict(gpu_check.plan(gpu_check.parse_args(["--out", "x", *extra])))
+    assert sum(limits.values()) == total
+    assert ("load beside a busy GPU" in limits) == cuda and "regional blocks, max-autotune" in limits
+
+
+def test_a_child_that_ignores_sigterm_is_killed_within_its_limit(tmp_path):
+    gpu_check = load_gpu_check()
+    checks = gpu_check.Checks(None, tmp_path)
+    start = time.monotonic()
+    code, seconds = checks.limited(["bash", "-c", "trap '' TERM; echo started; sleep 60"], tmp_path / "log", 3)
+    assert code is None and 1.5 < seconds < 2.5  # SIGTERM at the limit less the grace period (a third of 3 s)
+    assert time.monotonic() - start < 3.5  # SIGKILL at the limit
+    assert (tmp_path / "log").read_text() == "started\n"
+
+
+def test_each_check_past_its_limit_times_out_and_the_next_one_still_starts(tmp_path):
+    """With a budget far too short, every check is stopped at its limit, and the run still ends in its table."""
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(out), "--budget-s", "7"],
+                          capture_output=True, text=True, cwd=ROOT, env=CPU_ONLY)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checks = json.loads((out / "checks.json").read_text())
+    assert sum(checks["plan"].values()) == 7
+    rows = [row for row in checks["rows"] if row["status"] != "n/a"]  # the n/a rows: what only a GPU answers
+    assert [row["check"] for row in rows] == list(checks["plan"])
+    for row in rows:
+        assert row["status"] == "timed out" and row["found"].startswith("timed out after ")
+        assert row["seconds"] <= checks["plan"][row["check"]] + 0.5
+    assert time.monotonic() - start < 7 + 40  # the limits, and the script's own start (torch's import)
