@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 from test_chart import workshop_records
-from test_runner import RECORD_A_STEP, stand_in_notebooks
+from test_runner import stand_in_notebooks
 
 import helpers.__main__ as cli
 import helpers.runner as runner
@@ -118,14 +118,6 @@ def started():
         if process.poll() is None:
             process.kill()
             process.communicate()
-
-
-@pytest.fixture
-def short_tmp():
-    """An empty temporary folder with a short path, for the run's own folder: socket paths must stay short."""
-    folder = Path(tempfile.mkdtemp(prefix="sf-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_step_is_scored_against_its_own_baseline_when_runs_share_a_folder(tmp_path):
@@ -391,6 +383,33 @@ def start_stand_in_run(started, tmp_path, run_folder, first_cell):
     return started[-1], out
 
 
+BUSY_RUNS = ("SIGINT", "SIGTERM", "kill")
+
+
+@pytest.fixture(scope="module")
+def busy_runs(tmp_path_factory):
+    """{name: (runner process, its --out folder, its TMPDIR)} for BUSY_RUNS: one run each, whose stand-in notebook
+    01 works for longer than any test waits, for the tests that stop one by Ctrl-C, SIGTERM or SIGKILL. They start
+    together, so that their interpreters, most of what these tests wait for, start on both cores at once; each has
+    folders of its own, short ones for TMPDIR (socket paths must stay short)."""
+    processes, runs = [], {}
+    try:
+        for name in BUSY_RUNS:
+            run_folder = Path(tempfile.mkdtemp(prefix="sf-"))
+            runs[name] = (*start_stand_in_run(processes, tmp_path_factory.mktemp(name), run_folder, BUSY_CELL),
+                          run_folder)
+        yield runs
+    finally:
+        for process, out, run_folder in runs.values():
+            if process.poll() is None:  # a test failed before it stopped its run, or did not run
+                process.kill()
+                process.communicate()
+            said = (out / "kernel.pid").read_text().strip() if (out / "kernel.pid").exists() else ""
+            if said and is_alive(int(said)):  # orphaned, it would end by itself within seconds
+                os.kill(int(said), signal.SIGKILL)
+            shutil.rmtree(run_folder, ignore_errors=True)
+
+
 def kernel_started(out, process, seconds=180):
     """The pid of the kernel running the busy stand-in, once it has started."""
     deadline = time.monotonic() + seconds
@@ -410,8 +429,8 @@ def is_alive(pid):
 
 
 @pytest.mark.parametrize("signal_name, how, code", [("SIGINT", "Ctrl-C", 130), ("SIGTERM", "SIGTERM", 143)])
-def test_an_interrupted_run_says_one_line_and_leaves_nothing(tmp_path, short_tmp, started, signal_name, how, code):
-    process, out = start_stand_in_run(started, tmp_path, short_tmp, BUSY_CELL)
+def test_an_interrupted_run_says_one_line_and_leaves_nothing(busy_runs, signal_name, how, code):
+    process, out, run_folder = busy_runs[signal_name]
     kernel = kernel_started(out, process)
     if signal_name == "SIGINT":
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group gets it
@@ -424,28 +443,30 @@ def test_an_interrupted_run_says_one_line_and_leaves_nothing(tmp_path, short_tmp
     assert line.endswith("notebooks/01_baseline.ipynb shows how far it got.")
     assert "Traceback" not in printed
     assert nbformat.read(out / "notebooks" / "01_baseline.ipynb", as_version=4).cells
-    assert not list(short_tmp.iterdir())  # no Inductor cache, no kernel connection file or socket
+    assert not list(run_folder.iterdir())  # no Inductor cache, no kernel connection file or socket
     assert not is_alive(kernel)
 
 
-def test_what_a_killed_run_leaves_the_next_run_removes(tmp_path, short_tmp, started, monkeypatch):
-    process, out = start_stand_in_run(started, tmp_path, short_tmp, BUSY_CELL)
+def test_what_a_killed_run_leaves_the_next_run_removes(busy_runs, tmp_path, monkeypatch):
+    process, out, run_folder = busy_runs["kill"]
     kernel = kernel_started(out, process)
     process.kill()
     process.communicate()
     try:
-        left = [path.name for path in short_tmp.iterdir()]
+        left = [path.name for path in run_folder.iterdir()]
     finally:
         if is_alive(kernel):  # orphaned, it would end by itself within seconds
             os.kill(kernel, signal.SIGKILL)
     assert len(left) == 1 and left[0].startswith(runner.RUN_FOLDER_PREFIX)
     quick = tmp_path / "quick"
     quick.mkdir()
-    stand_in_notebooks(quick, {"01_baseline.ipynb": [RECORD_A_STEP]})
+    # The quickest run there is: a notebook whose kernel imports nothing, an appendix, which draws no chart.
+    stand_in_notebooks(quick, {"08_cold_start.ipynb": ["x = 1"]})
     monkeypatch.setattr(runner, "NOTEBOOKS_DIR", quick)
-    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
-    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "01", "--no-progress"]) == 0
-    assert not list(short_tmp.iterdir())
+    monkeypatch.setattr(tempfile, "tempdir", str(run_folder))
+    assert cli.main(["run", "--model", "tiny", "--out", str(out), "--only", "08", "--no-progress"]) == 0
+    assert (out / "notebooks" / "08_cold_start.ipynb").exists()  # it ran its notebook
+    assert not list(run_folder.iterdir())
 
 
 def test_a_folder_without_safetensors_weights_is_not_blamed_on_the_connection(tmp_path):
