@@ -130,6 +130,18 @@ def efficiency(median_s, flops_total, peak_tflops):
     }
 
 
+def eager_share(model="sdxl-random", height=1024, width=1024, regions="blocks"):
+    """The share of one UNet call's FLOPs outside the modules that `regions` (a choice of `ladder.REGIONS`)
+    compiles: what a regional compile with that choice leaves to run eagerly."""
+    from .ladder import REGIONS
+
+    model = _architecture(model)
+    unet = _meta_pipeline(model).unet
+    counts = _unet_module_flops(model, height, width, 1)
+    inside = _flops_of(unet, counts, lambda name, module: type(module).__name__ in REGIONS[regions])
+    return 1 - inside / counts["Global"]
+
+
 def _architecture(model):
     """The offline model with `model`'s architecture: the real SDXL counts as "sdxl-random", its random twin, and
     a local folder as whichever of the two its models' configs match."""

@@ -179,20 +179,70 @@ def quantize_int8(pipe):
               filter_fn=int8_filter(pipe.unet))
 
 
-def compile_regions(pipe, mode="max-autotune", dynamic=False):
-    """Step 07: compile each repeated transformer block once per shape and reuse the code, not the whole UNet.
+# The UNet's modules that regional compilation may compile, by name of a choice. diffusers marks only the transformer
+# block as repeated (`UNet2DConditionModel._repeated_blocks`); the others compile whole attention layers (their
+# `proj_in`/`proj_out` included, which step 06 quantized), the resnets, and the up- and down-samplers too.
+REGIONS = {
+    "blocks": ("BasicTransformerBlock",),
+    "attention+resnets": ("Transformer2DModel", "ResnetBlock2D"),
+    "attention+resnets+samplers": ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"),
+}
+DEFAULT_REGIONS = "blocks"
 
-    `dynamic=False` keeps the shapes static: SDXL's blocks run at two widths (640 and 1280 channels), and with
-    torch's default (`dynamic=None`) the second width would make Dynamo recompile with symbolic sizes.
-    `dynamic=True` compiles symbolic sizes from the start; duck shaping is turned off then, as diffusers advises,
-    so that equal sizes (a square image) are not assumed equal for every later image.
+
+def compile_regions(pipe, mode="max-autotune", dynamic=False, regions=DEFAULT_REGIONS):
+    """Step 07: compile each repeated region once per shape and reuse the code, not the whole UNet.
+
+    `regions` names a choice of `REGIONS`: diffusers' transformer blocks by default. `dynamic=False` keeps the shapes
+    static: SDXL's blocks run at two widths (640 and 1280 channels), and with torch's default (`dynamic=None`) the
+    second width would make Dynamo recompile with symbolic sizes. `dynamic=True` compiles symbolic sizes from the
+    start; duck shaping is turned off then, as diffusers advises, so that equal sizes (a square image) are not assumed
+    equal for every later image.
     """
+    if regions not in REGIONS:
+        raise ValueError(f"regions must be one of {', '.join(REGIONS)}, got {regions!r}.")
     if not _ready_to_compile(pipe):
         return
     if dynamic:
         torch.fx.experimental._config.use_duck_shape = False
+    pipe.unet._repeated_blocks = list(REGIONS[regions])  # what compile_repeated_blocks compiles
+    allow_a_version_per_shape(pipe.unet)
     pipe.unet.compile_repeated_blocks(mode=mode, fullgraph=True, dynamic=dynamic)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=dynamic)
+
+
+def region_versions(unet):
+    """{class name: how many distinct shapes its instances see at one image size}, for the classes that
+    `unet._repeated_blocks` names: instances with the same weight shapes at the same level of the UNet (the same
+    resolution) see the same input shapes."""
+    levels = len(unet.config.block_out_channels)
+    shapes = {}
+    for name, module in unet.named_modules():
+        if type(module).__name__ in unet._repeated_blocks:
+            part, _, rest = name.partition(".")
+            if part == "down_blocks":
+                level = int(rest.split(".")[0])
+            elif part == "up_blocks":
+                level = levels - 1 - int(rest.split(".")[0])
+            else:  # the middle block, at the innermost level
+                level = levels - 1
+            weights = tuple(tuple(p.shape) for p in module.parameters())
+            shapes.setdefault(type(module).__name__, set()).add((level, weights))
+    return {name: len(found) for name, found in shapes.items()}
+
+
+def allow_a_version_per_shape(unet):
+    """Raise `torch._dynamo.config.recompile_limit` where a region class sees more distinct shapes than it allows,
+    with a printed reason: all instances of a class share one code object, on which Dynamo keeps one compiled version
+    per distinct input shape and memory layout, and past the limit a `fullgraph=True` compile raises
+    `FailOnRecompileLimitHit`."""
+    name, shapes = max(region_versions(unet).items(), key=lambda item: item[1])
+    needed, limit = 2 * shapes, torch._dynamo.config.recompile_limit
+    if needed > limit:
+        torch._dynamo.config.recompile_limit = needed
+        print(f"torch._dynamo.config.recompile_limit raised from {limit} to {needed}: the {name} modules share one "
+              f"code object and see {shapes} distinct shapes, each a compiled version of it, twice where an input "
+              "comes in both memory layouts (channels-last and contiguous), which Dynamo's guards tell apart.")
 
 
 # What CUDA-graph trees raise when a graph's output is read after a later replay wrote over it: what

@@ -268,6 +268,14 @@ def test_unknown_model_is_refused():
         repeated_block_share("some/other-model")
 
 
+def test_each_choice_of_regions_leaves_less_of_sdxl_eager():
+    from helpers.flops import eager_share
+
+    shares = [eager_share(regions=choice) for choice in helpers.ladder.REGIONS]
+    assert shares[0] == pytest.approx(1 - repeated_block_share()["inside"])  # diffusers' blocks: a quarter eager
+    assert shares[0] > 0.25 > shares[1] > 0.03 > 0.001 > shares[2] > 0  # then the stem and the time embedding only
+
+
 def test_a_folder_counts_as_the_architecture_its_configs_match(tmp_path):
     tiny_pipeline().save_pretrained(tmp_path)
     assert image_flops(str(tmp_path), 64, 64, steps=2) == image_flops("tiny", 64, 64, steps=2)

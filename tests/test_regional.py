@@ -122,12 +122,14 @@ def test_regions_that_fail_under_cuda_graphs_are_compiled_again_without_them(mon
         ladder.call_with_cudagraph_fallback(pipe, lambda: (_ for _ in ()).throw(RuntimeError("something else")))
 
 
-def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(monkeypatch, capsys):
+def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(request):
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
     from helpers.ladder import recompile_limit_hits
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # what two widths fill, as 8 fills in a notebook
+    limit = torch._dynamo.config.patch(recompile_limit=2)  # what two widths fill, as 8 fills in a notebook
+    limit.__enter__()
+    request.addfinalizer(lambda: limit.__exit__(None, None, None))
     larger = helpers.Params(model="tiny", steps=1, height=96, width=96)
 
     def compiled_pipeline():
@@ -147,3 +149,32 @@ def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(monk
     helpers.release()
     helpers.generate(compiled_pipeline(), larger)
     assert recompile_limit_hits() == hits + 1 and cached_graphs() == 2
+
+
+@pytest.mark.parametrize("regions", list(helpers.ladder.REGIONS))
+def test_each_choice_of_regions_compiles_what_it_names_and_runs_nothing_eagerly(regions, monkeypatch, capsys):
+    from helpers.ladder import REGIONS, recompile_limit_hits, region_versions
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    pipe = helpers.load_pipeline("tiny", verbose=False)
+    compile_blocks = pipe.unet.compile_repeated_blocks
+    monkeypatch.setattr(pipe.unet, "compile_repeated_blocks",  # what compile_regions asks for, with the recorder
+                        lambda mode, **options: compile_blocks(backend=record, **options))
+    with torch._dynamo.config.patch(recompile_limit=8):  # torch's default, raised by compile_regions where needed
+        helpers.compile_regions(pipe, mode="default", regions=regions)
+        del pipe.vae.decode  # the decoder uncompiled: this test is about the UNet's regions
+        hits = recompile_limit_hits()
+        helpers.generate(pipe, PARAMS)
+        # fullgraph=True: no break; no recompile-limit hit: no region ran eagerly; a graph per distinct shape, more
+        # where an input comes in the other memory layout, all within the limit
+        assert recompile_limit_hits() == hits
+        assert sum(region_versions(pipe.unet).values()) <= len(graphs) <= torch._dynamo.config.recompile_limit
+    compiled = {type(m).__name__ for m in pipe.unet.modules() if getattr(m, "_compiled_call_impl", None)}
+    assert compiled == set(REGIONS[regions])
+    raised = "recompile_limit raised from 8 to 20" in capsys.readouterr().out
+    assert raised == (regions != "blocks")  # the tiny model's resnets see 10 shapes, its blocks 2
