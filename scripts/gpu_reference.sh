@@ -1,26 +1,78 @@
 #!/usr/bin/env bash
-# The reference run on one GPU (H100/H200 class): the environment, the bf16 matmul peak, the course's runner on
-# full-size SDXL with random weights (nothing to download), then a profile of the last step while time remains.
+# The reference run on one GPU (H100/H200 class), one slice per call of at most 10 minutes: the environment, the
+# bf16 matmul peak, the course's runner on full-size SDXL with random weights (nothing to download) at 1024x1024 and
+# 30 steps for the slice's notebooks, then a profile of the slice's own last step while time remains.
 #
 # Usage, from anywhere:
-#   bash scripts/gpu_reference.sh [--wheels DIR] [BUDGET_S, default 540] [more arguments for `python -m helpers run`]
-#   bash scripts/gpu_reference.sh --wheels wheels 540 --only 01-03
+#   bash scripts/gpu_reference.sh --plan
+#   bash scripts/gpu_reference.sh [--wheels DIR] --slice N|NAME [BUDGET_S, default 540] [more `python -m helpers run`
+#     arguments]
 # Without --wheels (or a WHEELS variable), the packages the GPU machine's python3 has are used; scripts/wheels.sh
 # says how to make a folder of wheels for a machine without internet.
-# PROFILE_ARGS replaces the profiler's own arguments (default "--through 07"). OUT defaults to /tmp/gpu_reference_out.
-# The notebooks share one Inductor cache, which the profiler reuses: quicker, but the first calls of notebooks 05
-# to 07 then load kernels compiled by an earlier notebook, so their compile times are not cold ones.
+# Each slice after the first repeats step 03, so that every ratio comes from one run on one machine, and compiles
+# once, so that compile is a cold one. The profiler reuses the runner's Inductor cache. PROFILE_ARGS replaces
+# the profiler's own arguments (default "--through" the slice's last step). OUT defaults to /tmp/gpu_reference_out.
 #
 # $OUT gets at most 8 files, each under 16 MB: log.txt, env.txt (nvidia-smi, versions, matmul TFLOP/s),
 # results.json, latency_per_step.png, notebooks.tar.gz (executed notebooks, images left out) and
 # profile/{summary.json,top_kernels.txt,trace.json.gz}.
 set -uo pipefail
 
-wheels=${WHEELS:-}
-if [[ ${1:-} == --wheels ]]; then
-  wheels=${2:?--wheels needs a folder}
-  shift 2
+# The slices: number, name, the runner's --only and other arguments, and minutes on an H100 for the run and for the
+# profile after it (which runs only while 2 minutes of the budget remain), estimated from
+#   the start: 1.0 (wheels 0.5; nvidia-smi, versions and the matmul peak 0.3; the runner's own start 0.2);
+#   each notebook: 0.5 to start its kernel, import and initialise SDXL on the GPU, then 7 images (a first call, 1
+#     warm-up, 5 timed) of 1024x1024 and 30 steps at the A100 tutorial's seconds per image as an upper bound (02:
+#     4.63, 03: 3.31 and 2 one-step images for its attention probe, 04-07: 2.6, 04 one image more for its
+#     synchronization count), except 01, whose fp32 linear layers run without tensor cores (TF32 is off): 12 s,
+#     about 75% of 416 TFLOP at 35-40 TFLOP/s and the rest;
+#   a cold compile: the whole UNet and VAE decoder (04-06) 3 to 10 minutes; the regional one (07: the blocks and the
+#     VAE decoder), counted at 4;
+#   the profile: 1.0, or 1.5 where the step compiles (built again, its compile loaded from the Inductor cache).
+# 01-03: 1.0 + (0.5 + 1.4) + (0.5 + 0.5) + (0.5 + 0.4) = 4.8. 03,04: 1.0 + 0.9 + (0.5 + compile + 0.4) = 2.8 +
+# compile, 5.8 to 12.8; 05 the same; 06 0.2 more (eager bf16 and int8 images of 4 steps; a FLOP count on the meta
+# device). 03,07 without 07's extra sections (a second size, dynamic shapes, the flags panel): 2.8 + 4 + 0.1 = 6.9.
+# The runner gets what the start leaves of the budget (540 s by default) less 40 s, about 7.5 minutes: a whole-UNet
+# compile over about 5.5 minutes cuts it off, and the record of the step it stopped says so.
+SLICES=(
+  "1|eager|01-03||4.8|1.0"
+  "2|compile|03,04||5.8-12.8|1.5"
+  "3|fused-qkv|03,05||5.8-12.8|1.5"
+  "4|int8|03,06||6.0-13.0|1.5"
+  "5|regional|03,07|--no-extras|6.9|1.5"
+)
+
+show_plan() {
+  echo "slice  name        notebooks  run, minutes on an H100  then the profile  runner arguments"
+  local entry number name only extra minutes profile
+  for entry in "${SLICES[@]}"; do
+    IFS='|' read -r number name only extra minutes profile <<<"$entry"
+    printf '%-6s %-11s %-10s %-24s %-17s %s\n' "$number" "$name" "$only" "$minutes" "$profile" "${extra:--}"
+  done
+  echo "(a range: a cold whole-UNet compile of 3 to 10 minutes; past about 5.5 it does not fit a 10-minute call)"
+}
+
+wheels=${WHEELS:-} slice=
+while [[ ${1:-} == --* ]]; do
+  case $1 in
+    --plan) show_plan; exit 0 ;;
+    --wheels) wheels=${2:?--wheels needs a folder}; shift 2 ;;
+    --slice) slice=${2:?--slice needs a number or a name}; shift 2 ;;
+    *) break ;;
+  esac
+done
+chosen=
+for entry in "${SLICES[@]}"; do
+  IFS='|' read -r number name _ <<<"$entry"
+  [[ $slice == "$number" || $slice == "$name" ]] && chosen=$entry
+done
+if [[ -z $chosen ]]; then
+  show_plan >&2
+  echo "choose a slice with --slice NUMBER or --slice NAME${slice:+ (not '$slice')}" >&2
+  exit 2
 fi
+IFS='|' read -r number name only extra _ <<<"$chosen"
+last=${only: -2}  # the slice's own last step, the one the profiler profiles
 budget_s=${1:-540}
 [[ $budget_s =~ ^[0-9]+$ ]] || { echo "BUDGET_S must be a number of seconds, not '$budget_s'" >&2; exit 2; }
 [[ $# -gt 0 ]] && shift
@@ -81,22 +133,26 @@ EOF
   } >"$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
 
-  local run_s=$(($(left) - 30))
-  echo "== python -m helpers run (timeout ${run_s} s)"
-  timeout --kill-after=10 "$run_s" python3 -m helpers run --model sdxl-random --out "$OUT/run" --steps 30 \
-    --height 1024 --width 1024 --no-progress --inductor-cache "$cache" "$@"
-  echo "runner exit status: $?"
+  local run_s=$(($(left) - 40))
+  echo "== slice $number ($name): python -m helpers run --only $only $extra (timeout ${run_s} s)"
+  # SIGTERM at the timeout: the runner records the step it stops, with its cell and seconds, before it ends.
+  # shellcheck disable=SC2086  # $extra is a list of arguments
+  timeout --kill-after=20 "$run_s" python3 -m helpers run --model sdxl-random --out "$OUT/run" --steps 30 \
+    --height 1024 --width 1024 --no-progress --inductor-cache "$cache" --only "$only" $extra "$@"
+  local ran=$?
+  echo "runner exit status: $ran"
   collect_run
 
   if (($(left) > 120)); then
-    echo "== profile (timeout $(($(left) - 15)) s, the runner's Inductor cache)"
+    echo "== profile of step $last (timeout $(($(left) - 15)) s, the runner's Inductor cache)"
     # shellcheck disable=SC2086  # PROFILE_ARGS is a list of arguments
     timeout --kill-after=10 $(($(left) - 15)) python3 scripts/profile_final_step.py --model sdxl-random \
-      --inductor-cache "$cache" --out "$OUT/profile" ${PROFILE_ARGS:---through 07}
+      --inductor-cache "$cache" --out "$OUT/profile" ${PROFILE_ARGS:---through $last}
     echo "profiler exit status: $?"
   else
     echo "== profile skipped: $(left) s left"
   fi
+  return "$ran"  # the runner's: a slice the budget cut off (124) or a notebook that failed is not a success
 }
 
 # Keep what comes back small: results and chart at the top, notebooks without their images in one archive.
@@ -139,7 +195,7 @@ EOF
 }
 
 main "$@" 2>&1 | tee "$OUT/log.txt"
-status=$?
-echo "== $OUT (exit status $status, $(left) s of the budget left)" | tee -a "$OUT/log.txt"
+status=${PIPESTATUS[0]}
+echo "== $OUT, slice $number ($name): exit status $status, $(left) s of the budget left" | tee -a "$OUT/log.txt"
 find "$OUT" -type f -printf '%10s  %P\n' | sort -k2 | tee -a "$OUT/log.txt"
 exit "$status"

@@ -1,4 +1,5 @@
-"""Profile one image of the course's last step: where the time goes, part by part and kernel by kernel.
+"""Profile one image of a step of the course, by default its last: where the time goes, part by part and kernel by
+kernel. scripts/gpu_reference.sh profiles the last step of its slice (--through 03 after notebooks 01-03).
 
 On a GPU (from the project's root, with `helpers` installed or on PYTHONPATH):
     python scripts/profile_final_step.py --model sdxl-random --through 07 --out profile

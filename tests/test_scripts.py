@@ -100,3 +100,21 @@ def test_each_check_past_its_limit_times_out_and_the_next_one_still_starts(tmp_p
         assert row["status"] == "timed out" and row["found"].startswith("timed out after ")
         assert row["seconds"] <= checks["plan"][row["check"]] + 0.5
     assert time.monotonic() - start < 7 + 40  # the limits, and the script's own start (torch's import)
+
+
+def test_the_reference_run_plans_its_slices_and_runs_nothing(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    plan = subprocess.run(["bash", "scripts/gpu_reference.sh", "--plan"], capture_output=True, text=True, cwd=ROOT,
+                          env=env)
+    assert plan.returncode == 0, plan.stderr
+    rows = [line.split() for line in plan.stdout.splitlines()[1:6]]
+    assert [row[:3] for row in rows] == [["1", "eager", "01-03"], ["2", "compile", "03,04"],
+                                         ["3", "fused-qkv", "03,05"], ["4", "int8", "03,06"],
+                                         ["5", "regional", "03,07"]]
+    assert rows[4][-1] == "--no-extras"  # 07's extra sections skipped
+    assert float(rows[0][3]) <= 8 and float(rows[4][3]) <= 8
+    for slice_ in ("6", "everything"):
+        refused = subprocess.run(["bash", "scripts/gpu_reference.sh", "--slice", slice_], capture_output=True,
+                                 text=True, cwd=ROOT, env=env)
+        assert refused.returncode == 2 and f"(not '{slice_}')" in refused.stderr
+    assert not (tmp_path / "out").exists()
