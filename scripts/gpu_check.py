@@ -77,8 +77,6 @@ GPU_ONLY = {
     "regional blocks, max-autotune-no-cudagraphs": "n/a without a GPU: on a CPU, the max-autotune row's compile",
 }
 PYTEST_S = 300
-# What CUDA-graph trees raise when a graph's output is read after a later replay wrote over it (pytorch#152887).
-OVERWRITTEN = "overwritten by a subsequent run"
 
 
 def parse_args(argv=None):
@@ -172,26 +170,26 @@ def regional(args, mode):
     pipe = helpers.build(args.model, through="05", compile=False, verbose=False)
     helpers.compile_regions(pipe, mode=mode)
     del pipe.vae.decode  # the class's own, eager, decode again
-    fallbacks = getattr(ladder, "cudagraph_fallbacks", [])  # what helpers say when they fall back
-    before = len(fallbacks)
+    before = len(ladder.cudagraph_fallbacks)  # what helpers.generate said each time it fell back
     stage("the first call, which compiles")
     try:
         measurement = helpers.benchmark(lambda: helpers.generate(pipe, params), warmup=1, runs=3, progress=False)
+        stage("the attention probe")
+        attention = helpers.attention_kernels(pipe, params) or "none"  # read from ops and GPU kernel names
     except RuntimeError as error:
-        if OVERWRITTEN not in str(error):
+        if ladder.CUDAGRAPH_OVERWRITE not in str(error):  # pytorch#152887's error, where nothing fell back
             raise
         raise RuntimeError(f"pytorch/pytorch#152887 hits SDXL with torch {torch.__version__}: "
                            f"{str(error).strip().splitlines()[0][:300]}") from None
-    stage("the attention probe")
     found = {
         "first_call_s": round(measurement.first_call_s, 1),
         "median_s": round(measurement.median_s, 3),
         "iqr_s": round(measurement.iqr_s, 3),
-        "attention": helpers.attention_kernels(pipe, params) or "none",  # read from ops and GPU kernel names
+        "attention": attention,
         "blocks": helpers.pipeline_state(pipe)["compiled"].get("repeated_blocks"),
     }
     if CUDA and mode == "max-autotune":
-        fell_back = fallbacks[before:]
+        fell_back = ladder.cudagraph_fallbacks[before:]
         found["pytorch#152887"] = (f"hits: {fell_back[0]}" if fell_back else
                                    f"not hit in 7 images under CUDA graphs, torch {torch.__version__}")
     if CUDA:

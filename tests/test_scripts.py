@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT
@@ -118,3 +119,35 @@ def test_the_reference_run_plans_its_slices_and_runs_nothing(tmp_path):
                                  text=True, cwd=ROOT, env=env)
         assert refused.returncode == 2 and f"(not '{slice_}')" in refused.stderr
     assert not (tmp_path / "out").exists()
+
+
+OVERWRITTEN = ("Error: accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run. "
+               "Stack trace: ...")
+
+
+@pytest.mark.parametrize("fell_back", [False, True])
+def test_the_first_regional_check_answers_whether_pytorch_152887_hits(monkeypatch, fell_back):
+    """Only a GPU shows the error: stand-ins raise it, or say that helpers fell back without CUDA graphs."""
+    import helpers
+    from helpers import ladder
+
+    gpu_check = load_gpu_check()
+    args = gpu_check.parse_args(["--out", "x", "--model", "tiny", "--size", "64", "--steps", "1"])
+    monkeypatch.setattr(helpers, "compile_regions", lambda pipe, mode: setattr(pipe.vae, "decode", pipe.vae.decode))
+    monkeypatch.setattr(ladder, "cudagraph_fallbacks", ["an earlier pipeline's fallback"])
+    if not fell_back:
+        monkeypatch.setattr(helpers, "benchmark", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(OVERWRITTEN)))
+        with pytest.raises(RuntimeError, match=r"^pytorch/pytorch#152887 hits SDXL with torch \S+: Error: accessing"):
+            gpu_check.regional(args, "max-autotune")
+        return
+
+    def falls_back(*args, **kwargs):
+        ladder.cudagraph_fallbacks.append("The regions failed under CUDA graphs (...): compiled again.")
+        return SimpleNamespace(first_call_s=9.0, median_s=0.5, iqr_s=0.01, peak_memory_gb=8.0,
+                               first_call_peak_memory_gb=9.0)
+
+    monkeypatch.setattr(gpu_check, "CUDA", True)  # the GPU's branch, with the stand-in's numbers
+    monkeypatch.setattr(helpers, "benchmark", falls_back)
+    monkeypatch.setattr(helpers, "attention_kernels", lambda pipe, params: {"flash attention": 70})
+    found = gpu_check.regional(args, "max-autotune")
+    assert found["pytorch#152887"] == "hits: The regions failed under CUDA graphs (...): compiled again."
