@@ -153,7 +153,7 @@ def recording_stand_in(step, dtype):
         "params = helpers.Params.from_cell(globals())",
         "height, width = helpers.image_size(params)",
         f"image = stand_in_image({step!r}, params.seed, height, width)",
-        "measurement = Measurement([0.2, 0.3], 0.5, params.warmup)",
+        "measurement = Measurement([0.25, 0.25], 0.5, params.warmup)",
         f"helpers.record_step({step!r}, measurement, params, dtype={dtype!r}, image=image)",
     ])
 
@@ -205,7 +205,7 @@ def test_runs_sharing_a_folder_one_after_the_other_or_at_once_score_as_each_woul
         finish(process)
     on_its_own = {seed: quality(stand_in_image("02", seed, 64, 64), stand_in_image("01", seed, 64, 64))
                   for seed in (0, 1)}
-    assert on_its_own[0]["psnr_db"] > on_its_own[1]["psnr_db"] + 1  # each seed's 02 scores a score of its own
+    assert on_its_own[0]["psnr_db"] > on_its_own[1]["psnr_db"] + 1  # each seed's 02 has a score of its own
     shared = [r for folder in (one_after_the_other, at_once) for r in load_records(folder) if r["step"] == "02"]
     assert len(shared) == 4
     for record in shared:
