@@ -16,11 +16,11 @@ The plan on an H100/H200 from an empty Inductor cache, with `sdxl-random` (full-
                                                         bytecode compiled too), CUDA's start, 53 8192^3 matmuls
     int8 matmul path                               25   one 1280x1280 int8 linear layer, eager and compiled
     flags panel rebuild frees                      25   the tiny model compiled regionally under CUDA graphs
-                                                        (reduce-overhead: nothing to autotune), then rebuilt eager
+                                                        (reduce-overhead: no matmul autotuning), rebuilt eager
     load beside a busy GPU                         15   a second process fills the GPU; loading is refused
     regional blocks, max-autotune                 110   the check's one cold compile of SDXL code: the blocks at
                                                         their two widths (640 and 1280 channels), autotuned, with
-                                                        CUDA graphs; 5 images of 4 steps and 2 profiled ones of 1
+                                                        CUDA graphs; 5 images of 4 steps, 2 of 1 for attention
     regional blocks, max-autotune-no-cudagraphs    35   the same graphs again: kernels and autotuning from the cache
     notebooks 01-03 headless                       90   3 kernels of ~25 s: start, imports, SDXL initialised on the
                                                         GPU, 3 images of 4 steps, the record; the runner's start
@@ -35,7 +35,8 @@ notebooks after 03 and the full size, where one compile takes minutes, are scrip
 `--pytest` adds the test suite (without the notebook series and the browser, which other rows and CI cover), with
 a limit of its own; it does not fit beside the rest in 6 minutes.
 
-The regional rows come last among the worker's checks, so that a timeout there costs no other check a new worker.
+The regional rows come last among the worker's checks: a timeout in their long compile makes only the row after it
+wait for a new worker.
 Without a GPU the checks run on the CPU with the tiny model, in at most 3 minutes on 2 cores (limits: environment
 30, int8 22, flags panel 18, notebook 01 100): int8 and the flags panel eager, no regional compile (on 2 shared cores
 it takes a minute or more alone; the test suite's notebook series compiles regions on the CPU in notebook 07, and
@@ -387,10 +388,10 @@ class Checks:
                     break
                 time.sleep(0.2)
             try:  # done: the worker ends by itself; stopping it then ends what it may have left in its group
-                self.child.wait(timeout=GRACE_S)
+                self.child.wait(timeout=WORKER_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-            stop(self.child, GRACE_S)
+            stop(self.child, WORKER_GRACE_S)
             self.child = None
 
     def limited(self, command, log, limit_s):
@@ -409,7 +410,7 @@ class Checks:
 
     def notebooks(self, name, limit_s, out):
         """The notebooks headless in the course's runner; per step: status, dtype, compile, first call, median and
-        the note (a step the limit cut off is recorded by the runner as stopped)."""
+        the note (where the limit cut a step off, the runner's record says after how long and in which cell)."""
         run, args = self.work_dir / "run", self.args
         command = [
             sys.executable, "-m", "helpers", "run", "--model", args.model, "--out", str(run), "--steps",
