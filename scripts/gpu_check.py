@@ -33,7 +33,7 @@ longer than the questions need. The first answers whether pytorch/pytorch#152887
 error, or the fallback to max-autotune-no-cudagraphs that `helpers.generate` reports, is the finding. The
 notebooks after 03 and the full size, where one compile takes minutes, are scripts/gpu_reference.sh's.
 `--pytest` adds the test suite (without the notebook series and the browser, which other rows and CI cover), with
-a limit of its own; it does not fit beside the rest in 6 minutes.
+a limit of its own; it does not fit beside the rest in 6 minutes: give gpu_check.sh GPU_CHECK_S=660 for it.
 
 The regional rows come last among the worker's checks: a timeout in their long compile makes only the row after it
 wait for a new worker.
