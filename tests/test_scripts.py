@@ -54,7 +54,8 @@ def test_gpu_check_runs_end_to_end_in_its_cpu_form(tmp_path):
     assert list(notebooks) == ["01"] and notebooks["01"]["status"] == "ok" and notebooks["01"]["median_s"] > 0
     for gpu_only in ("regional blocks, max-autotune-no-cudagraphs", "load beside a busy GPU"):
         assert rows[gpu_only]["status"] == "n/a"
-    assert rows["regional blocks, max-autotune"]["status"] == "skipped"  # the tests below run it with stand-ins
+    for skipped in ("int8 matmul path", "regional blocks, max-autotune"):  # the tests below run them
+        assert rows[skipped]["status"] == "skipped"
     assert rows["flags panel rebuild frees"]["found"]["previous_pipeline_freed"]
     assert len(list(out.iterdir())) <= 8
     assert "check" in (out / "check.txt").read_text()
@@ -75,6 +76,7 @@ def test_the_gpu_checks_limits_add_up_to_its_budget(monkeypatch, cuda, extra, to
     limits = dict(gpu_check.plan(gpu_check.parse_args(["--out", "x", *extra])))
     assert sum(limits.values()) == total
     assert ("load beside a busy GPU" in limits) == ("regional blocks, max-autotune" in limits) == cuda
+    assert ("int8 matmul path" in limits) == cuda
 
 
 def test_a_child_that_ignores_sigterm_is_killed_within_its_limit(tmp_path):
@@ -172,3 +174,10 @@ def test_the_regional_check_runs_on_the_cpu_with_its_compile_left_out(monkeypatc
     assert found["attention"] == {"flash attention for CPU": found["attention"]["flash attention for CPU"]}
     assert found["blocks"] is None and "pytorch#152887" not in found  # nothing compiled; a GPU's question
     assert helpers.live_pipelines() == []
+
+
+def test_the_int8_check_finds_the_int8_matmul_on_the_cpu():
+    gpu_check = load_gpu_check()
+    found = gpu_check.int8_path(gpu_check.parse_args(["--out", "x"]))
+    assert found["eager"]["int_mm"] == ["aten::_int_mm"] and found["eager"]["relative_error"] < 0.05
+    assert found["compiled"].startswith("n/a on a CPU")
