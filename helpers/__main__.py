@@ -38,7 +38,10 @@ def parse_args(argv):
     run = commands.add_parser("run", help="execute the notebooks in order and draw the chart")
     run.add_argument("--out", required=True, help="folder for executed notebooks, images, results.json, chart")
     add_params_options(run)
-    run.add_argument("--only", default=None, help="steps to run, e.g. 01,03 or 04-07 (default: all)")
+    run.add_argument("--only", default=None,
+                     help="steps to run, e.g. 01,03, 04-07, or 08, 09, 01-09 for the appendices (default: 01-07)")
+    run.add_argument("--no-extras", action="store_true",
+                     help="leave out the notebooks' optional sections (07: a second size, the dynamic arm, the panel)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument(
         "--inductor-cache", default=None, metavar="DIR",
@@ -91,7 +94,8 @@ def _command(args):
         return 0
     params = Params(**{f.name: getattr(args, f.name, None) for f in fields(Params)} | {"out_dir": args.out})
     select_steps(args.only)
-    run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache)
+    run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache,
+               extras=not args.no_extras)
     return 0
 
 

@@ -269,6 +269,12 @@ def _how(result):
     return "the UNet compiled ahead of time" if result["compile"] == "aot" else f"{result['compile']} compile"
 
 
+def summary_of(out_dir, notebook):
+    """The runner's line for an executed notebook 08, from the records it wrote."""
+    records = [r for r in load_start_records(out_dir) if r.get("notebook") == notebook]
+    return summary_line(records) if records else None
+
+
 def summary_line(records):
     """The runner's one line for notebook 08: time to the first image of each way, full compile, the course's mode."""
     mode = records[-1]["params"]["compile_mode"]

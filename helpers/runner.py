@@ -12,6 +12,7 @@ a run that was killed outright leaves it behind, and the next run removes it.
 
 import errno
 import fcntl
+import importlib
 import logging
 import os
 import shutil
@@ -115,13 +116,13 @@ def _out_of_memory_advice(error_name, message):
 
 
 def select_steps(only):
-    """The notebooks to run, in course order: the seven steps and the appendix 08 (`only` None), or those named in
-    `only` ("01,03", "4-7" or "08")."""
+    """The notebooks to run, in course order: the seven steps (`only` None), or those named in `only` ("01,03",
+    "4-7", "08" or "01-09": the appendices run only when named)."""
     notebooks = STEPS + APPENDICES
     if only is None:
-        return list(notebooks)
+        return list(STEPS)
     if not str(only).strip():
-        raise ValueError("--only is empty: name the steps to run, e.g. 01,03 or 04-07, or leave it out for all.")
+        raise ValueError("--only is empty: name the steps to run, e.g. 01,03 or 04-07, or leave it out for 01-07.")
     wanted = set()
     for part in str(only).split(","):
         if "-" in part.strip("-"):
@@ -163,12 +164,14 @@ def check_out_dir(out_dir):
     _check_writable(out_dir)
 
 
-def run_series(params, out_dir, only=None, progress=True, inductor_cache=None):
+def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, extras=True):
     """Execute the selected notebooks in order into `out_dir`; returns the list of (step, status).
 
     Each notebook gets a fresh Inductor cache, so every first call is a cold compile, unless `inductor_cache`
     names a folder that all of them share: faster (kernels compiled once are reused), but then the first calls
     of later notebooks are no longer cold, and the compile-time comparison of notebook 07 says less.
+    `extras=False` leaves out the cells tagged "extra" (optional sections: 07's second size, dynamic arm and flags
+    panel), for a run that must fit a short time.
     """
     from .chart import chart_from_dir
 
@@ -189,7 +192,7 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None):
         with _run_folder() as folder:
             caches = {s.id: Path(inductor_cache).resolve() if inductor_cache else folder / "inductor" / s.id
                       for s in steps}
-            _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses)
+            _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, extras)
         if any(status == "ok" and step_id in STEP_IDS for step_id, status in statuses):  # an appendix alone: no chart
             chart = chart_from_dir(out_dir)
             print(f"Chart: {chart}")
@@ -284,7 +287,7 @@ def _remove_abandoned_run_folders():
             continue
 
 
-def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
+def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, extras):
     """Execute each notebook in its own kernel, with the Inductor cache folder `caches` gives its step."""
     import papermill
 
@@ -297,7 +300,7 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
             executed = _new_notebook(out_dir, step)
             notebook = executed.relative_to(out_dir).as_posix()
             env = {"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id]), EXECUTED_NOTEBOOK_ENV: notebook}
-            _execute(step, executed, params, out_dir, env, manager, kernels, progress)
+            _execute(step, executed, params, out_dir, env, manager, kernels, progress, extras)
             _print_result(out_dir, notebook, step)
             statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
@@ -313,11 +316,9 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses):
 def _print_result(out_dir, notebook, step):
     """The step's result in one line, from the record that its executed notebook wrote."""
     if step in APPENDICES:
-        from .coldstart import load_start_records, summary_line
-
-        records = [r for r in load_start_records(out_dir) if r.get("notebook") == notebook]
-        if records:
-            print(f"   {summary_line(records)}", flush=True)
+        line = importlib.import_module(f"{__package__}.{step.module}").summary_of(out_dir, notebook)
+        if line:
+            print(f"   {line}", flush=True)
         return
     records = [r for r in load_records(out_dir, quiet=True) if r.get("notebook") == notebook]
     if records and records[-1].get("median_s"):
@@ -360,13 +361,28 @@ def _new_notebook(out_dir, step):
         raise output_error(out_dir / "notebooks", error) from None
 
 
-def _execute(step, executed, params, out_dir, env, manager, kernels, progress):
+def _without_extras(path):
+    """The notebook at `path` without its cells tagged "extra" (optional sections, such as 07's second size, dynamic
+    arm and flags panel), and a line in their place that says so."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    kept = [cell for cell in notebook.cells if "extra" not in cell.metadata.get("tags", [])]
+    if len(kept) < len(notebook.cells):
+        note = nbformat.v4.new_markdown_cell(
+            f"*{len(notebook.cells) - len(kept)} cells of optional sections were left out (`--no-extras`).*")
+        kept.insert(next(i for i, cell in enumerate(kept) if cell.cell_type == "code") + 1, note)
+    notebook.cells = kept
+    return notebook
+
+
+def _execute(step, executed, params, out_dir, env, manager, kernels, progress, extras=True):
     import papermill
 
     try:
         with _environment(env):
             papermill.execute_notebook(
-                NOTEBOOKS_DIR / step.notebook,
+                NOTEBOOKS_DIR / step.notebook if extras else _without_extras(NOTEBOOKS_DIR / step.notebook),
                 executed,
                 parameters=cell_names(params),
                 cwd=out_dir,

@@ -68,10 +68,14 @@ class Appendix:
     id: str
     title: str
     notebook: str
+    module: str  # the helpers module whose `summary_of(out_dir, notebook)` is the runner's line for it
 
 
-# The appendices the runner runs after the seven steps (09, throughput, runs on its own: it needs batch sizes).
-APPENDICES = (Appendix("08", "cold start", "08_cold_start.ipynb"),)
+# The appendices, which the runner runs when `--only` names them (08, 09 or a range such as 01-09).
+APPENDICES = (
+    Appendix("08", "cold start", "08_cold_start.ipynb", "coldstart"),
+    Appendix("09", "throughput", "09_throughput.ipynb", "throughput"),
+)
 
 
 def _find(key, table):

@@ -149,6 +149,20 @@ def measured(records):
     return [r for r in records if r["status"] == "ok"]
 
 
+def summary_of(out_dir, notebook):
+    """The runner's line for an executed notebook 09: its batch sizes and the best images per second."""
+    from .results import load_records
+
+    records = [r for r in load_records(Path(out_dir) / THROUGHPUT_DIR, quiet=True) if r.get("notebook") == notebook]
+    ran = [r for r in measured(records) if r.get("images_per_s")]
+    if not ran:
+        return None
+    best = max(ran, key=lambda r: r["images_per_s"])
+    sizes = ", ".join(str(s) for s in sorted({r["batch_size"] for r in records}))
+    return (f"batch sizes {sizes}: at most {best['images_per_s']:.2f} images/s (batch {best['batch_size']}, "
+            f"{best['median_s']:.3f} s per call) on {best['device']}")
+
+
 def summary(record):
     """'batch 4: 3.21 images/s, 0.311 s per image (...)': one record in a line."""
     memory = record.get("peak_memory_gb")

@@ -92,7 +92,8 @@ def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path, mon
 
 
 @pytest.mark.parametrize("only, expected", [("01,03", ["01", "03"]), ("4-7", ["04", "05", "06", "07"]),
-                                            ("sdpa,baseline", ["01", "03"]), (None, [f"0{i}" for i in range(1, 9)])])
+                                            ("sdpa,baseline", ["01", "03"]), (None, [f"0{i}" for i in range(1, 8)]),
+                                            ("09", ["09"]), ("01-09", [f"0{i}" for i in range(1, 10)])])
 def test_step_selection_keeps_course_order(only, expected):
     assert [s.id for s in runner.select_steps(only)] == expected
 
@@ -171,3 +172,16 @@ def test_a_notebook_cut_off_by_sigterm_leaves_a_record_that_says_where(tmp_path)
     assert stopped["by"] == "SIGTERM" and stopped["cell"] == 4 and 1 < stopped["seconds"] < 180
     assert stopped["cell_source"] == "import pathlib, time"
     assert record["note"].startswith("stopped by SIGTERM after ") and "in cell [4]" in record["note"]
+
+
+def test_no_extras_leaves_out_07s_optional_sections_and_says_so():
+    notebook = runner._without_extras(runner.NOTEBOOKS_DIR / "07_regional_compile.ipynb")
+    sources = [cell.source for cell in notebook.cells]
+    assert not any("extra" in cell.metadata.get("tags", []) for cell in notebook.cells)
+    assert not any("dynamic=True" in source and "compile_regions" in source for source in sources)  # the dynamic arm
+    assert not any("compile_count_and_time(pipe, smaller)" in source for source in sources)  # the second size
+    assert any("compile_repeated_blocks" in source for source in sources)  # the step itself stays, and the end
+    assert any("helpers.release(panel)" in source for source in sources)
+    assert any("cells of optional sections were left out (`--no-extras`)" in source for source in sources)
+    assert cli.parse_args(["run", "--out", "x", "--no-extras"]).no_extras is True
+    assert cli.parse_args(["run", "--out", "x"]).no_extras is False
