@@ -11,6 +11,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+import helpers.__main__ as cli
+from helpers.runner import select_steps
+
 # These tests run the scripts' CPU forms, also on a machine with a GPU (where the scripts themselves are run as they
 # are: scripts/gpu_check.sh runs the test suite there).
 CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -117,6 +120,11 @@ def test_the_reference_run_plans_its_slices_and_runs_nothing(tmp_path):
                                          ["5", "regional", "03,07"]]
     assert rows[4][-1] == "--no-extras"  # 07's extra sections skipped
     assert float(rows[0][3]) <= 8 and float(rows[4][3]) <= 8
+    for _, _, only, *_, extra in rows:  # the runner takes each slice's arguments; each slice compiles at most once
+        args = cli.parse_args(["run", "--out", "x", "--only", only, *([] if extra == "-" else [extra])])
+        steps = select_steps(args.only)
+        assert "03" in [step.id for step in steps] and sum(step.settings.compile != "off" for step in steps) <= 1
+        assert args.no_extras == (extra == "--no-extras")
     for slice_ in ("6", "everything"):
         refused = subprocess.run(["bash", "scripts/gpu_reference.sh", "--slice", slice_], capture_output=True,
                                  text=True, cwd=ROOT, env=env)
