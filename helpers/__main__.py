@@ -2,6 +2,7 @@
 compiled steps once into a file a room can share; `python -m helpers chart DIR` redraws the chart."""
 
 import argparse
+import ast
 import sys
 import typing
 from dataclasses import fields
@@ -40,6 +41,9 @@ def parse_args(argv):
     add_params_options(run)
     run.add_argument("--only", default=None,
                      help="steps to run, e.g. 01,03, 04-07, or 08, 09, 01-09 for the appendices (default: 01-07)")
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_setting,
+                     help="a parameter only some notebooks have, as a Python literal, e.g. "
+                          "COMPILE_MODES='[\"default\"]' for 08 or BATCH_SIZES='[1, 2, 4, 8]' for 09")
     run.add_argument("--no-extras", action="store_true",
                      help="leave out the notebooks' optional sections (07: a second size, the dynamic arm, the panel)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -95,8 +99,20 @@ def _command(args):
     params = Params(**{f.name: getattr(args, f.name, None) for f in fields(Params)} | {"out_dir": args.out})
     select_steps(args.only)
     run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache,
-               extras=not args.no_extras)
+               extras=not args.no_extras, settings=dict(args.set))
     return 0
+
+
+def _setting(text):
+    """NAME=VALUE, VALUE a Python literal, for --set."""
+    name, equals, value = text.partition("=")
+    try:
+        if not equals or not name.strip().isidentifier():
+            raise ValueError
+        return name.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with VALUE a Python literal, such as "
+                                         "BATCH_SIZES=[1,2,4]") from None
 
 
 def _fail(error, code, prefix="error: "):

@@ -164,19 +164,21 @@ def check_out_dir(out_dir):
     _check_writable(out_dir)
 
 
-def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, extras=True):
+def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, extras=True, settings=None):
     """Execute the selected notebooks in order into `out_dir`; returns the list of (step, status).
 
     Each notebook gets a fresh Inductor cache, so every first call is a cold compile, unless `inductor_cache`
     names a folder that all of them share: faster (kernels compiled once are reused), but then the first calls
     of later notebooks are no longer cold, and the compile-time comparison of notebook 07 says less.
     `extras=False` leaves out the cells tagged "extra" (optional sections: 07's second size, dynamic arm and flags
-    panel), for a run that must fit a short time.
+    panel), for a run that must fit a short time. `settings` ({NAME: value}) sets parameters that only some
+    notebooks have, such as 08's COMPILE_MODES or 09's BATCH_SIZES, in each selected notebook that has them.
     """
     from .chart import chart_from_dir
 
     out_dir = Path(out_dir).resolve()
     steps = select_steps(only)
+    settings = check_settings(settings or {}, steps)
     check_out_dir(out_dir)
     if inductor_cache is not None:
         _check_writable(Path(inductor_cache).resolve())
@@ -192,7 +194,7 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, e
         with _run_folder() as folder:
             caches = {s.id: Path(inductor_cache).resolve() if inductor_cache else folder / "inductor" / s.id
                       for s in steps}
-            _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, extras)
+            _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, (extras, settings))
         if any(status == "ok" and step_id in STEP_IDS for step_id, status in statuses):  # an appendix alone: no chart
             chart = chart_from_dir(out_dir)
             print(f"Chart: {chart}")
@@ -287,7 +289,7 @@ def _remove_abandoned_run_folders():
             continue
 
 
-def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, extras):
+def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, options):
     """Execute each notebook in its own kernel, with the Inductor cache folder `caches` gives its step."""
     import papermill
 
@@ -300,7 +302,7 @@ def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, e
             executed = _new_notebook(out_dir, step)
             notebook = executed.relative_to(out_dir).as_posix()
             env = {"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id]), EXECUTED_NOTEBOOK_ENV: notebook}
-            _execute(step, executed, params, out_dir, env, manager, kernels, progress, extras)
+            _execute(step, executed, params, out_dir, env, manager, kernels, progress, options)
             _print_result(out_dir, notebook, step)
             statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
@@ -361,6 +363,34 @@ def _new_notebook(out_dir, step):
         raise output_error(out_dir / "notebooks", error) from None
 
 
+def notebook_parameters(step):
+    """The names and default values of `step`'s notebook's parameters cell."""
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOKS_DIR / step.notebook, as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    values = {}
+    exec(cell.source, {}, values)
+    return values
+
+
+def check_settings(settings, steps):
+    """`settings` checked against the selected notebooks' parameters cells: ValueError, in one sentence, for a name
+    that none of them has, one that `Params` already sets, or a value of another type than the cell's default."""
+    shared = set(cell_names())
+    for name, value in settings.items():
+        if name in shared:
+            raise ValueError(f"--set {name}: {name} is a course parameter; use --{name.lower().replace('_', '-')}.")
+        defaults = [notebook_parameters(step)[name] for step in steps if name in notebook_parameters(step)]
+        if not defaults:
+            raise ValueError(f"--set {name}: none of the selected notebooks has a parameter {name} "
+                             f"({', '.join(s.notebook for s in steps)}).")
+        if type(value) is not type(defaults[0]):
+            raise ValueError(f"--set {name}: give a {type(defaults[0]).__name__} like {defaults[0]!r}, "
+                             f"got {value!r}.")
+    return dict(settings)
+
+
 def _without_extras(path):
     """The notebook at `path` without its cells tagged "extra" (optional sections, such as 07's second size, dynamic
     arm and flags panel), and a line in their place that says so."""
@@ -376,15 +406,17 @@ def _without_extras(path):
     return notebook
 
 
-def _execute(step, executed, params, out_dir, env, manager, kernels, progress, extras=True):
+def _execute(step, executed, params, out_dir, env, manager, kernels, progress, options=(True, {})):
     import papermill
 
+    extras, settings = options
+    own = notebook_parameters(step)
     try:
         with _environment(env):
             papermill.execute_notebook(
                 NOTEBOOKS_DIR / step.notebook if extras else _without_extras(NOTEBOOKS_DIR / step.notebook),
                 executed,
-                parameters=cell_names(params),
+                parameters={**cell_names(params), **{k: v for k, v in settings.items() if k in own}},
                 cwd=out_dir,
                 progress_bar=progress,
                 kernel_name="python3",

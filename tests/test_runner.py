@@ -185,3 +185,22 @@ def test_no_extras_leaves_out_07s_optional_sections_and_says_so():
     assert any("cells of optional sections were left out (`--no-extras`)" in source for source in sources)
     assert cli.parse_args(["run", "--out", "x", "--no-extras"]).no_extras is True
     assert cli.parse_args(["run", "--out", "x"]).no_extras is False
+
+
+def test_set_gives_a_notebook_its_own_parameter_and_refuses_what_none_has(tmp_path, capsys):
+    steps = runner.select_steps("08-09")
+    assert runner.check_settings({"BATCH_SIZES": [1, 8]}, steps) == {"BATCH_SIZES": [1, 8]}
+    assert runner.notebook_parameters(steps[1])["BATCH_SIZES"] == [1, 2, 4]
+    for settings, said in (({"BATCH_SIZES": [1]}, "none of the selected notebooks has a parameter BATCH_SIZES"),
+                           ({"STEPS": 2}, "STEPS is a course parameter; use --steps"),
+                           ({"COMPILE_MODES": "default"}, "give a list like")):
+        out = tmp_path / "refused"
+        only = "01" if "BATCH_SIZES" in settings else "08"
+        argv = ["run", "--model", "tiny", "--out", str(out), "--only", only, "--no-progress"]
+        argv += [f"--set={name}={value!r}" for name, value in settings.items()]
+        assert cli.main(argv) != 0
+        err = capsys.readouterr().err.strip()
+        assert said in err and "\n" not in err, err
+        assert not out.exists()  # refused before anything was made
+    with pytest.raises(SystemExit):
+        cli.parse_args(["run", "--out", "x", "--set", "BATCH_SIZES"])
