@@ -309,7 +309,7 @@ def draw_starts(records, path=None):
     """Each way of starting as one stacked bar: import, load, load cache or package, first call."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 0.7 * len(records) + 1.6), layout="constrained")
+    figure = Figure(figsize=(10, 0.7 * len(records) + 2), layout="constrained")
     axis = figure.subplots()
     labels = [f"{WAY_NAMES[r['way']]}\n({_how(r)})" for r in records]
     left = [0.0] * len(records)
@@ -322,7 +322,7 @@ def draw_starts(records, path=None):
     axis.invert_yaxis()
     axis.margins(x=0.45)
     axis.set_xlabel("seconds from a new Python process to its first image")
-    axis.legend(loc="lower right")
+    figure.legend(loc="outside lower center", ncol=len(PHASES))
     axis.set_title(f"Starting the step-04 pipeline on {records[0]['device']}, {records[0]['params']['model']}")
     if path is not None:
         figure.savefig(path, dpi=110)
