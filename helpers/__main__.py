@@ -3,6 +3,7 @@ compiled steps once into a file a room can share; `python -m helpers chart DIR` 
 
 import argparse
 import ast
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -68,6 +69,25 @@ def parse_args(argv):
 def main(argv=None):
     """Run the command; every failure a user can meet ends in one line on stderr and a non-zero exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(args)
+    finally:
+        _remove_empty_default_inductor_cache()
+
+
+def _remove_empty_default_inductor_cache():
+    """Remove the empty folder that importing torch's compiler makes in the temporary folder
+    (`torchinductor_<user>`, Inductor's default cache) where this process left it empty: the runner compiles
+    nothing itself, each notebook compiles with a cache of its own."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    try:
+        os.rmdir(default_cache_dir())  # only an empty folder can be removed
+    except OSError:
+        pass
+
+
+def _main(args):
     try:
         return _command(args)
     except (ValueError, ModelUnavailable, FileNotFoundError) as error:

@@ -245,9 +245,9 @@ def record_start(params, result):
 
 def load_start_records(out_dir):
     """The records of `<out_dir>/cold_start/results.json`, oldest first ([] where there is none)."""
-    from .results import RESULTS_FILE, _read
+    from .results import RESULTS_FILE, read_records_file
 
-    return _read(Path(out_dir) / COLD_START_DIR / RESULTS_FILE)[0]
+    return read_records_file(Path(out_dir) / COLD_START_DIR / RESULTS_FILE)[0]
 
 
 def describe_start(result):

@@ -276,7 +276,7 @@ def first_call_state():
 def warm(params, out, only="04-07", progress=True):
     """`python -m helpers warm`: compile each compiled step of `only` once and save their artifacts to `out`."""
     from .models import check_model, download, resolve_model
-    from .runner import _environment, select_steps
+    from .runner import environment, select_steps
 
     steps = [step for step in select_steps(only) if step.id in COMPILED_STEPS]
     if not steps:
@@ -286,7 +286,7 @@ def warm(params, out, only="04-07", progress=True):
     download(model, verbose=progress)
     params = dataclasses.replace(params, model=model, steps=2)  # two steps compile all a 30-step image does
     with tempfile.TemporaryDirectory(prefix="inductor-warm-") as folder:
-        with _environment({"TORCHINDUCTOR_CACHE_DIR": folder}):
+        with environment({"TORCHINDUCTOR_CACHE_DIR": folder}):
             return _warm(params, out, steps, progress)
 
 
@@ -305,6 +305,7 @@ def _warm(params, out, steps, progress):
         generate(pipe, params)
         print(f"{step.id} {step.title}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
         del pipe
+        torch.compiler.reset()  # this step's compiled code and CUDA graphs go too; the artifacts to save stay
         free_memory()  # one pipeline on the GPU at a time
     manifest = save_compile_cache(out, params, None, [step.id for step in steps], architecture_id=fingerprint)
     size = Path(out).stat().st_size / 1e6
@@ -317,8 +318,8 @@ def _warm(params, out, steps, progress):
 
 
 def _check_out_file(path):
-    from .runner import _check_writable
+    from .runner import check_writable
 
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder: name the file to write, e.g. {path / 'compile-cache.zip'}.")
-    _check_writable(path.parent)
+    check_writable(path.parent)

@@ -229,7 +229,7 @@ def _locked(out_dir):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _read(path):
+def read_records_file(path):
     """(records, None) from `path`; ([], None) where there is none; (its complete records, what is wrong with it)
     where it is damaged: cut off mid-write, or not a JSON list."""
     try:
@@ -273,7 +273,7 @@ def append_record(out_dir, record):
     path = out_dir / RESULTS_FILE
     try:
         with _locked(out_dir):
-            records, damage = _read(path)
+            records, damage = read_records_file(path)
             if damage:
                 stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
                 aside = write_new(out_dir, f"{RESULTS_FILE}.corrupt-{stamp}", "", lambda f: f.write(path.read_bytes()))
@@ -293,7 +293,7 @@ def load_records(out_dir, quiet=False):
     Each record the chart can't draw is left out with a line that says which and why; a file cut off mid-write
     gives its complete records, and a line says so (unless `quiet`)."""
     path = Path(out_dir) / RESULTS_FILE
-    records, damage = _read(path)
+    records, damage = read_records_file(path)
     if damage and not quiet:
         print(f"Warning: {path} {damage}: using those, and leaving the file as it is.")
     return usable_records(records, path, quiet)

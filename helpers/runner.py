@@ -139,7 +139,7 @@ def _within(path, folder):
     return path == folder or folder in path.parents
 
 
-def _check_writable(folder):
+def check_writable(folder):
     """Make `folder` if needed and write a file in it; OutputError, in one sentence, where that fails."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def check_out_dir(out_dir):
             f"--out {out_dir} would put executed notebooks among the course's own in {course}: "
             "give the run a folder of its own, e.g. outputs/run."
         )
-    _check_writable(out_dir)
+    check_writable(out_dir)
 
 
 def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, extras=True, settings=None):
@@ -179,13 +179,13 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, e
     out_dir = Path(out_dir).resolve()
     steps = select_steps(only)
     settings = check_settings(settings or {}, steps)
-    check_out_dir(out_dir)
-    if inductor_cache is not None:
-        _check_writable(Path(inductor_cache).resolve())
     model = check_model(resolve_model(params.model))  # prints which model "auto" chose, and why
+    compile_cache = _checked_compile_cache(params, model, steps)
+    check_out_dir(out_dir)  # makes the folder: after every refusal that can come before it
+    if inductor_cache is not None:
+        check_writable(Path(inductor_cache).resolve())
     if params.model != "auto":
         print(f"Model: {model}.")
-    compile_cache = _checked_compile_cache(params, model)
     statuses = []
     with _sigterm_as_interrupt():
         download(model)  # once, with a progress bar, before notebook 01: every notebook then loads from disk
@@ -201,7 +201,7 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, e
     return statuses
 
 
-def _checked_compile_cache(params, model):
+def _checked_compile_cache(params, model, steps):
     """The compile-cache file as an absolute path (the kernels run in the output folder), once its manifest matches
     this machine and these parameters; None where there is none. The notebooks check the model's architecture."""
     if params.compile_cache is None:
@@ -209,7 +209,7 @@ def _checked_compile_cache(params, model):
     from .coldstart import check_compile_cache
 
     path = Path(params.compile_cache).resolve()
-    manifest = check_compile_cache(path, Params(**{**params.to_dict(), "model": model}))
+    manifest = check_compile_cache(path, Params(**{**params.to_dict(), "model": model}), steps=[s.id for s in steps])
     print(f"Compile cache: {path.name}, steps {', '.join(manifest['steps'])}, made on {manifest['device']} "
           f"({manifest['made']}).")
     return str(path)
@@ -412,7 +412,7 @@ def _execute(step, executed, params, out_dir, env, manager, kernels, progress, o
     extras, settings = options
     own = notebook_parameters(step)
     try:
-        with _environment(env):
+        with environment(env):
             papermill.execute_notebook(
                 NOTEBOOKS_DIR / step.notebook if extras else _without_extras(NOTEBOOKS_DIR / step.notebook),
                 executed,
@@ -541,7 +541,7 @@ def _failure_record(step, params, status, note, notebook, **extra):
                        extra={"notebook": notebook, **extra})
 
 
-class _environment:
+class environment:
     """Set environment variables for the kernels started inside the block, then restore them."""
 
     def __init__(self, values):

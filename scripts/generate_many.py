@@ -65,12 +65,12 @@ from helpers.params import COMPILE_MODES, Params
 from helpers.results import (
     RESULTS_FILE,
     OutputError,
-    _read,
     append_record,
     device_name,
     make_record,
     new_file,
     package_versions,
+    read_records_file,
     write_atomically,
     write_new,
 )
@@ -163,7 +163,7 @@ def part_records(out):
 
 def kept_records(out):
     """The records of `<out>/results.json` and of its part files (dicts only: a hand-edited file may hold others)."""
-    return [r for r in [*_read(Path(out) / RESULTS_FILE)[0], *part_records(out)] if isinstance(r, dict)]
+    return [r for r in [*read_records_file(Path(out) / RESULTS_FILE)[0], *part_records(out)] if isinstance(r, dict)]
 
 
 def plan(args, prompts, params):
@@ -179,7 +179,8 @@ def merge(out, gathered=()):
     """Add to `<out>/results.json` each record of the part files and of `gathered` that it lacks; returns how many.
 
     A record is its image: the same host and image file."""
-    held = {(r.get("host"), r.get("image")) for r in _read(Path(out) / RESULTS_FILE)[0] if isinstance(r, dict)}
+    saved, _ = read_records_file(Path(out) / RESULTS_FILE)
+    held = {(r.get("host"), r.get("image")) for r in saved if isinstance(r, dict)}
     new = {}
     for record in [*part_records(out), *gathered]:
         if (record.get("host"), record.get("image")) not in held:

@@ -1,6 +1,7 @@
 """The runner's behaviour when a notebook fails, runs out of memory or can't run, with stand-in notebooks."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -204,3 +205,17 @@ def test_set_gives_a_notebook_its_own_parameter_and_refuses_what_none_has(tmp_pa
         assert not out.exists()  # refused before anything was made
     with pytest.raises(SystemExit):
         cli.parse_args(["run", "--out", "x", "--set", "BATCH_SIZES"])
+
+
+def test_a_refused_run_makes_no_output_folder_and_leaves_the_temporary_folder_as_it_was(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    out, missing = tmp_path / "out", tmp_path / "no-such-room.zip"
+    done = subprocess.run(
+        [sys.executable, "-m", "helpers", "run", "--model", "tiny", "--only", "04", "--compile-cache", str(missing),
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TMPDIR": str(temporary)},
+    )
+    assert done.returncode != 0 and str(missing.name) in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not out.exists()
+    assert list(temporary.iterdir()) == []  # no empty torchinductor_<user> left behind
