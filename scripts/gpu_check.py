@@ -233,6 +233,10 @@ def flags_panel_rebuild(args):
         found["gpu_gb"] = {"first": held, "after_rebuild": rebuilt, "after_release": gpu_memory_gb()}
     if not found["previous_pipeline_freed"] or found["pipelines_left"]:
         raise RuntimeError(f"a pipeline outlived its panel: {found}")
+    # Reserved, not allocated: CUDA-graph memory pools are reserved by the caching allocator, and only freed with the
+    # compiled code (`torch.compiler.reset()`, which the panel's release runs).
+    if CUDA and found["gpu_gb"]["after_release"]["reserved"] > 0.1 + 0.5 * held["reserved"]:
+        raise RuntimeError(f"GPU memory stayed reserved after the panel released its pipeline: {found['gpu_gb']}")
     return found
 
 
