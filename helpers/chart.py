@@ -25,7 +25,7 @@ CHART_FILE = "latency_per_step.png"
 TUTORIAL_WORKLOAD = "1024x1024, 30 steps"
 TUTORIAL_LABEL = f"A100 (tutorial, {TUTORIAL_WORKLOAD})"
 TUTORIAL_STYLE = {"facecolor": "lightgrey", "edgecolor": "dimgrey", "hatch": "//"}
-GAP_LABELS = {"out_of_memory": "OOM", "failed": "failed", "skipped": "skipped"}
+GAP_LABELS = {"out_of_memory": "OOM", "failed": "failed", "stopped": "stopped", "skipped": "skipped"}
 LABEL_SIZE = 7.5
 
 

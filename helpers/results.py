@@ -25,7 +25,7 @@ import torch
 
 RESULTS_FILE = "results.json"
 VERSIONED_PACKAGES = ("torch", "diffusers", "torchao", "transformers")
-STATUSES = ("ok", "out_of_memory", "failed", "skipped")
+STATUSES = ("ok", "out_of_memory", "failed", "stopped", "skipped")
 # The runner names each kernel's executed notebook here, so that the records it makes point at it.
 EXECUTED_NOTEBOOK_ENV = "SDXL_FAST_NOTEBOOK"
 # Errors that say "not here": another folder would do.

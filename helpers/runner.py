@@ -500,7 +500,7 @@ def _stopped(step, executed, out_dir, statuses, interrupt):
 def _record_stop(step, executed, params, out_dir, interrupt, seconds):
     """Record the step that Ctrl-C or SIGTERM (`timeout`, say) cut off: by what, after how long, in which cell.
 
-    Its status is "failed", which every reader of results.json knows; the note and `stopped` say how it ended."""
+    Its status is "stopped"; the note and the `stopped` field say by what, when and where."""
     how, _ = interrupt_name_and_code(interrupt)
     cell, source = _running_cell(executed)
     where = f", in cell [{cell}] ({source})" if cell else ", before its first cell ran"
@@ -508,7 +508,7 @@ def _record_stop(step, executed, params, out_dir, interrupt, seconds):
     stopped = {"by": how, "seconds": round(seconds, 1), "cell": cell, "cell_source": source}
     notebook = executed.relative_to(out_dir).as_posix()
     try:
-        append_record(out_dir, _failure_record(step, params, "failed", note, notebook, stopped=stopped))
+        append_record(out_dir, _failure_record(step, params, "stopped", note, notebook, stopped=stopped))
     except OutputError:  # a full disk, say: the stop still ends in its one line
         pass
 
