@@ -7,6 +7,7 @@ nothing about, each by its text (`helpers/quiet.py` lists them).
 from . import quiet  # first: its filters must be in place before diffusers is imported
 from .chart import chart_from_dir, draw_chart
 from .coldstart import CompileCacheMismatch, first_call_state, time_start, use_compile_cache
+from .errors import GpuMemoryBusy, ModelUnavailable
 from .flops import image_flops, repeated_block_share
 from .images import generate, grid, image_size, quality, side_by_side
 from .ladder import (
@@ -29,13 +30,10 @@ from .ladder import (
     use_sdpa,
     weights_gb,
 )
-from .memory import free_memory, live_pipelines, release
+from .memory import free_memory, gpu_memory_held_by_others, live_pipelines, release
 from .models import (
-    GpuMemoryBusy,
-    ModelUnavailable,
     check_model,
     download,
-    gpu_memory_held_by_others,
     load_pipeline,
     low_precision_dtype,
     native_size,

@@ -1,5 +1,6 @@
 """Command line: `python -m helpers run ...` runs the whole series; `python -m helpers warm --out FILE` compiles the
-compiled steps once into a file a room can share; `python -m helpers chart DIR` redraws the chart."""
+compiled steps once into a file a room can share; `python -m helpers chart DIR` redraws the chart;
+`python -m helpers clean` strips outputs from the course's notebooks before a commit."""
 
 import argparse
 import ast
@@ -7,11 +8,14 @@ import os
 import sys
 import typing
 from dataclasses import fields
+from pathlib import Path
 
-from .models import ModelUnavailable
+from .errors import ModelUnavailable
+from .files import OutputError, write_atomically
+from .kernels import interrupt_name_and_code
 from .params import COMPILE_MODES, Params
-from .results import OutputError
-from .runner import RunFailed, RunStopped, interrupt_name_and_code, run_series, select_steps
+from .runner import RunFailed, RunStopped, run_series
+from .steps import select_steps
 
 
 def _option_type(annotation):
@@ -63,6 +67,9 @@ def parse_args(argv):
 
     chart = commands.add_parser("chart", help="redraw DIR/latency_per_step.png from DIR/results.json")
     chart.add_argument("out", help="a folder written by `run`")
+
+    clean = commands.add_parser("clean", help="strip outputs and execution counts from notebooks (before a commit)")
+    clean.add_argument("notebooks", nargs="*", help="notebook files (default: the course's notebooks/*.ipynb)")
     return parser.parse_args(argv)
 
 
@@ -104,6 +111,14 @@ def _main(args):
 
 
 def _command(args):
+    if args.command == "clean":
+        from .runner import NOTEBOOKS_DIR
+
+        paths = [Path(p) for p in args.notebooks] or sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+        cleaned = [path for path in paths if clean_notebook(path)]
+        names = ", ".join(path.name for path in cleaned)
+        print(f"Cleaned {names}." if cleaned else f"{len(paths)} notebooks: already clean.")
+        return 0
     if args.command == "chart":
         from .chart import chart_from_dir
 
@@ -121,6 +136,28 @@ def _command(args):
     run_series(params, args.out, only=args.only, progress=not args.no_progress, inductor_cache=args.inductor_cache,
                extras=not args.no_extras, settings=dict(args.set))
     return 0
+
+
+def clean_notebook(path):
+    """Strip `path`'s outputs, execution counts and execution metadata, as the course keeps its notebooks in git;
+    True where something was stripped (the file is then rewritten atomically), False where it was clean."""
+    import nbformat
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is not a notebook file: name .ipynb files, or none for the course's own.")
+    notebook = nbformat.read(path, as_version=4)
+    before = nbformat.writes(notebook)
+    for cell in notebook.cells:
+        for key in ("execution", "papermill"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    notebook.metadata.pop("papermill", None)
+    after = nbformat.writes(notebook)
+    if after == before:
+        return False
+    write_atomically(path, lambda f: f.write((after + "\n").encode()))
+    return True
 
 
 def _setting(text):

@@ -10,15 +10,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .results import (
-    READ_ONLY_ERRNOS,
-    RESULTS_FILE,
-    OutputError,
-    latest_records,
-    load_records,
-    usable_records,
-    write_atomically,
-)
+from .files import READ_ONLY_ERRNOS, OutputError, write_atomically
+from .results import RESULTS_FILE, latest_records, load_records, usable_records
 from .steps import STEPS
 
 CHART_FILE = "latency_per_step.png"

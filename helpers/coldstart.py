@@ -29,7 +29,7 @@ from .compile_cache import (  # noqa: F401  (the runner, the package and noteboo
     use_compile_cache,
     warm,
 )
-from .results import device_name, package_versions
+from .machine import device_name, package_versions
 
 WAYS = ("cold", "disk", "file", "package")
 LAUNCHED_ENV = "SDXL_FAST_LAUNCHED"  # when time_start started the child, as time.time()
@@ -230,7 +230,8 @@ PHASES = (("import_s", "import"), ("load_s", "load the pipeline"), ("prepare_s",
 def record_start(params, result):
     """Append one start to `<out_dir>/cold_start/results.json`, with the device, versions and parameters, and why its
     steady time can't be compared with the others' where it can't; returns the record."""
-    from .results import EXECUTED_NOTEBOOK_ENV, append_record, driver_version
+    from .machine import driver_version
+    from .results import EXECUTED_NOTEBOOK_ENV, append_record
 
     record = {
         **{key: value for key, value in result.items() if key != "cache_dir"},

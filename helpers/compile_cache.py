@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from .results import device_name, package_versions, write_atomically
-from .steps import STEPS
+from .files import check_writable, environment, write_atomically
+from .machine import device_name, package_versions
+from .steps import STEPS, select_steps
 
 FORMAT = 2  # 2: the manifest holds each member's SHA-256
 MANIFEST_NAME = "manifest.json"
@@ -276,7 +277,6 @@ def first_call_state():
 def warm(params, out, only="04-07", progress=True):
     """`python -m helpers warm`: compile each compiled step of `only` once and save their artifacts to `out`."""
     from .models import check_model, download, resolve_model
-    from .runner import environment, select_steps
 
     steps = [step for step in select_steps(only) if step.id in COMPILED_STEPS]
     if not steps:
@@ -318,7 +318,6 @@ def _warm(params, out, steps, progress):
 
 
 def _check_out_file(path):
-    from .runner import check_writable
 
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder: name the file to write, e.g. {path / 'compile-cache.zip'}.")

@@ -131,9 +131,9 @@ def efficiency(median_s, flops_total, peak_tflops):
 
 
 def eager_share(model="sdxl-random", height=1024, width=1024, regions="blocks"):
-    """The share of one UNet call's FLOPs outside the modules that `regions` (a choice of `ladder.REGIONS`)
+    """The share of one UNet call's FLOPs outside the modules that `regions` (a choice of `regions.REGIONS`)
     compiles: what a regional compile with that choice leaves to run eagerly."""
-    from .ladder import REGIONS
+    from .regions import REGIONS
 
     model = _architecture(model)
     unet = _meta_pipeline(model).unet

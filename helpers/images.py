@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .ladder import call_with_cudagraph_fallback
+from .files import write_new
 from .models import native_size
-from .results import write_new
+from .regions import call_with_cudagraph_fallback
 
 
 def image_size(params):

@@ -11,9 +11,25 @@ entries also count toward `torch._dynamo.config.recompile_limit`. `release` ther
 """
 
 import gc
+import os
+from typing import NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline
+
+from .errors import GpuMemoryBusy
+from .machine import nvidia_smi
+
+# This process's CUDA context, which torch's memory counters leave out.
+CUDA_CONTEXT_BYTES = 0.5e9
+# Less than this held by others (a desktop, a monitoring agent) is not worth a line.
+NOTICE_BYTES = 1e9
+
+
+class GpuMemory(NamedTuple):
+    others: int  # bytes held by other processes
+    total: int  # bytes of the GPU
+    pids: list  # the other processes' ids, where nvidia-smi names them
 
 
 def free_memory():
@@ -51,3 +67,60 @@ def release(*panels):
     left = "no pipeline left alive" if not alive else f"{alive} pipeline(s) still alive: delete what refers to them"
     print(f"Released: {left}{held}.")
     return alive
+
+
+def gpu_memory_held_by_others(device=None):
+    """GpuMemory: the bytes other processes hold on this GPU, its total, and their pids where nvidia-smi names them.
+
+    The bytes are the GPU's used memory less what this process reserved and its CUDA context; nvidia-smi names the
+    other processes only where it lists this one too (inside a container it often lists none).
+    """
+    device = torch.device(device or "cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    held = total - free - torch.cuda.memory_reserved(device) - CUDA_CONTEXT_BYTES
+    listed = _gpu_processes(device)
+    pids = sorted(listed - {os.getpid()}) if os.getpid() in listed else []
+    return GpuMemory(int(max(0, held)), total, pids)
+
+
+def _gpu_processes(device):
+    """The pids of the processes nvidia-smi lists on `device`; none where it can't tell."""
+    uuid = str(torch.cuda.get_device_properties(device).uuid).lower()
+    pids = set()
+    for line in nvidia_smi("--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"):
+        pid, _, gpu = line.partition(",")
+        if gpu.strip().lower().removeprefix("gpu-") == uuid and pid.strip().isdigit():
+            pids.add(int(pid))
+    return pids
+
+
+def check_gpu_memory(need, device, verbose=True):
+    """Raise GpuMemoryBusy where other processes hold so much of the GPU that a pipeline of `need` bytes won't fit
+    beside them."""
+    held = gpu_memory_held_by_others(device)
+    if held.others < NOTICE_BYTES:
+        return
+    room = held.total - CUDA_CONTEXT_BYTES
+    if need > room:  # larger than the whole GPU: no one else's doing, and running out of memory will say so
+        return
+    holders = "Another process holds" if len(held.pids) == 1 else "Other processes hold"
+    numbers = f"{_gb(held.others)} of this GPU's {_gb(held.total)} ({_who(held.pids)})"
+    if held.others + need > room:
+        raise GpuMemoryBusy(
+            f"{holders} {numbers}, and this pipeline needs about {_gb(need)}: shut that notebook down with "
+            "Kernel > Shut Down Kernel (or end that process), then run this cell again."
+        )
+    if verbose:
+        print(f"GPU memory: {holders.lower()} {numbers}; this pipeline needs about {_gb(need)}, which fits beside.")
+
+
+def _who(pids):
+    if not pids:
+        return "probably another notebook's kernel"
+    if len(pids) == 1:
+        return f"pid {pids[0]}: probably another notebook's kernel"
+    return f"pids {', '.join(map(str, pids))}: probably other notebooks' kernels"
+
+
+def _gb(size):
+    return f"{size / 1e9:.1f} GB"

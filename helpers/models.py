@@ -11,13 +11,9 @@
 import functools
 import json
 import math
-import os
 import re
-import shutil
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
@@ -25,6 +21,9 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 from . import offline
+from .errors import ModelUnavailable
+from .machine import nvidia_smi_gpu
+from .memory import check_gpu_memory
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 # SDXL's VAE fine-tuned to keep its activations within float16's range (see float16_vae).
@@ -42,26 +41,6 @@ PIPELINE_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # Peak activations of one 1024x1024 image (the VAE's decode), by bytes per element of the dtype: 3.2 GB in float32 and
 # 2.25 GB in bfloat16, measured in eager mode on SDXL's shapes with plain attention, rounded up.
 ACTIVATION_BYTES = {4: 3.5e9, 2: 2.5e9}
-# This process's CUDA context, which torch's memory counters leave out.
-CUDA_CONTEXT_BYTES = 0.5e9
-# Less than this held by others (a desktop, a monitoring agent) is not worth a line.
-NOTICE_BYTES = 1e9
-
-
-class ModelUnavailable(RuntimeError):
-    """The model can't be found or loaded; the message is one sentence that says what to do."""
-
-
-class GpuMemoryBusy(ModelUnavailable):
-    """Other processes hold so much of the GPU that the pipeline won't fit beside them."""
-
-
-class GpuMemory(NamedTuple):
-    others: int  # bytes held by other processes
-    total: int  # bytes of the GPU
-    pids: list  # the other processes' ids, where nvidia-smi names them
-
-
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -84,23 +63,6 @@ def resolve_model(model, verbose=True):
     if verbose:
         print(f"Model: {chosen} ({why}).")
     return chosen
-
-
-def nvidia_smi_gpu():
-    """The name of the first GPU nvidia-smi lists, or None: no nvidia-smi, no GPU, or nvidia-smi failed."""
-    names = _nvidia_smi("--query-gpu=name", "--format=csv,noheader")
-    return names[0] if names else None
-
-
-def _nvidia_smi(*args):
-    """nvidia-smi's output lines for `args`; none where it is missing, fails or hangs."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        result = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
 def check_model(model):
@@ -189,7 +151,7 @@ def load_pipeline(model="auto", dtype=torch.float32, device=None, verbose=True):
     model = check_model(resolve_model(model, verbose=verbose))
     device = torch.device(device or default_device())
     if device.type == "cuda":
-        check_gpu_memory(model, dtype, device, verbose=verbose)
+        check_gpu_memory(pipeline_bytes(model, dtype), device, verbose=verbose)
     vae_plan = float16_vae(model, dtype, device)
     if model == "tiny":
         pipe = offline.tiny_pipeline()
@@ -246,31 +208,6 @@ def fp16_safe_vae(dtype):
     return vae
 
 
-def gpu_memory_held_by_others(device=None):
-    """GpuMemory: the bytes other processes hold on this GPU, its total, and their pids where nvidia-smi names them.
-
-    The bytes are the GPU's used memory less what this process reserved and its CUDA context; nvidia-smi names the
-    other processes only where it lists this one too (inside a container it often lists none).
-    """
-    device = torch.device(device or "cuda")
-    free, total = torch.cuda.mem_get_info(device)
-    held = total - free - torch.cuda.memory_reserved(device) - CUDA_CONTEXT_BYTES
-    listed = _gpu_processes(device)
-    pids = sorted(listed - {os.getpid()}) if os.getpid() in listed else []
-    return GpuMemory(int(max(0, held)), total, pids)
-
-
-def _gpu_processes(device):
-    """The pids of the processes nvidia-smi lists on `device`; none where it can't tell."""
-    uuid = str(torch.cuda.get_device_properties(device).uuid).lower()
-    pids = set()
-    for line in _nvidia_smi("--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"):
-        pid, _, gpu = line.partition(",")
-        if gpu.strip().lower().removeprefix("gpu-") == uuid and pid.strip().isdigit():
-            pids.add(int(pid))
-    return pids
-
-
 def pipeline_bytes(model, dtype):
     """About the GPU memory `model` needs in `dtype`: its weights plus the activations of one image at its size."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -296,37 +233,6 @@ def parameter_count(model):
 def _tiny_parameters():
     tiny = offline.tiny_pipeline()
     return sum(p.numel() for name in PIPELINE_MODELS for p in getattr(tiny, name).parameters())
-
-
-def check_gpu_memory(model, dtype, device, verbose=True):
-    """Raise GpuMemoryBusy where other processes hold so much of the GPU that `model` won't fit beside them."""
-    held = gpu_memory_held_by_others(device)
-    if held.others < NOTICE_BYTES:
-        return
-    need, room = pipeline_bytes(model, dtype), held.total - CUDA_CONTEXT_BYTES
-    if need > room:  # larger than the whole GPU: no one else's doing, and running out of memory will say so
-        return
-    holders = "Another process holds" if len(held.pids) == 1 else "Other processes hold"
-    numbers = f"{_gb(held.others)} of this GPU's {_gb(held.total)} ({_who(held.pids)})"
-    if held.others + need > room:
-        raise GpuMemoryBusy(
-            f"{holders} {numbers}, and this pipeline needs about {_gb(need)}: shut that notebook down with "
-            "Kernel > Shut Down Kernel (or end that process), then run this cell again."
-        )
-    if verbose:
-        print(f"GPU memory: {holders.lower()} {numbers}; this pipeline needs about {_gb(need)}, which fits beside.")
-
-
-def _who(pids):
-    if not pids:
-        return "probably another notebook's kernel"
-    if len(pids) == 1:
-        return f"pid {pids[0]}: probably another notebook's kernel"
-    return f"pids {', '.join(map(str, pids))}: probably other notebooks' kernels"
-
-
-def _gb(size):
-    return f"{size / 1e9:.1f} GB"
 
 
 def download(model, verbose=True):

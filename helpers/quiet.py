@@ -1,4 +1,5 @@
-"""Library warnings that a user of the course can do nothing about, silenced one by one.
+"""What must happen as `helpers` is imported, before anything imports diffusers: library warnings that a user of
+the course can do nothing about silenced one by one, and the Inductor cache setting checked.
 
 Each entry names the logger that emits the warning and a piece of its text; a filter on that logger drops exactly
 those records, so every other warning of the same library still shows. Importing this module installs the
@@ -6,7 +7,9 @@ filters; `helpers` imports it before anything imports diffusers.
 """
 
 import logging
+import os
 import re
+import tempfile
 import warnings
 
 import torch
@@ -25,7 +28,7 @@ if torch.version.cuda is None:
     SILENCED += (("torchao", "Failed to load"),)
 
 
-class _DropMatching(logging.Filter):
+class DropMatching(logging.Filter):
     def __init__(self, text):
         super().__init__()
         self.text = text
@@ -49,8 +52,26 @@ def silence_known_warnings():
         warnings.filterwarnings("ignore", message=re.escape(text), category=category)
     for logger_name, text in SILENCED:
         logger = logging.getLogger(logger_name)
-        if not any(isinstance(f, _DropMatching) and f.text == text for f in logger.filters):
-            logger.addFilter(_DropMatching(text))
+        if not any(isinstance(f, DropMatching) and f.text == text for f in logger.filters):
+            logger.addFilter(DropMatching(text))
+
+
+
+def check_inductor_cache_setting():
+    """Fall back to Inductor's default cache, with one line, where TORCHINDUCTOR_CACHE_DIR can't be written: torch
+    makes that folder as diffusers is imported, and would fail there with a traceback. This module is imported
+    before diffusers is."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        print(f"Warning: TORCHINDUCTOR_CACHE_DIR={folder} can't be written ({error.strerror or error}), so Inductor "
+              "uses its default cache folder: set TORCHINDUCTOR_CACHE_DIR to a folder you can write, or unset it.")
 
 
 silence_known_warnings()
+check_inductor_cache_setting()

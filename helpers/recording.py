@@ -7,9 +7,11 @@ from PIL import Image
 from .coldstart import first_call_state
 from .flops import efficiency, image_flops, peak_tflops
 from .images import describe_quality, image_size, quality, save_image
-from .ladder import last_cudagraph_fallback, matmul_autotuning, recompile_limit_hits
+from .ladder import matmul_autotuning
+from .machine import device_name
 from .models import default_device
-from .results import append_record, device_name, load_records, make_record
+from .regions import last_cudagraph_fallback, recompile_limit_hits
+from .results import append_record, load_records, make_record
 from .steps import get_step
 
 # The parameters that decide the image: a baseline is comparable only when all of them match.

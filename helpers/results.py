@@ -1,120 +1,27 @@
-"""One record per measured step, kept in `<out>/results.json`, and the files the records point at.
+"""One record per measured step, kept in `<out>/results.json`.
 
-Writes are atomic (a temporary file renamed over the old one) and serialised with a lock file, so two runs
-writing the same folder lose nothing; reading takes no lock, so a folder that can only be read can still be
-charted. Images and executed notebooks get names no other run has taken (`01.png`, then `01-2.png`, ...), so
-each record keeps pointing at its own. A results file cut off mid-write is never overwritten: reading uses its
-complete records and leaves it alone; the next write keeps a copy of it first.
+Writes are atomic and serialised with a lock file, so two runs writing the same folder lose nothing; reading takes
+no lock, so a folder that can only be read can still be charted. A results file cut off mid-write is never
+overwritten: reading uses its complete records and leaves it alone; the next write keeps a copy of it first.
 """
 
 import datetime
-import errno
 import fcntl
-import itertools
 import json
 import math
 import os
-import platform
 import re
-import tempfile
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 
-import torch
+from .files import OutputError, output_error, write_atomically, write_new
+from .machine import device_name, driver_version, package_versions, precision_settings
 
 RESULTS_FILE = "results.json"
-VERSIONED_PACKAGES = ("torch", "diffusers", "torchao", "transformers")
 STATUSES = ("ok", "out_of_memory", "failed", "stopped", "skipped")
 # The runner names each kernel's executed notebook here, so that the records it makes point at it.
 EXECUTED_NOTEBOOK_ENV = "SDXL_FAST_NOTEBOOK"
-# Errors that say "not here": another folder would do.
-READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _BETWEEN_RECORDS = re.compile(r"[\s,]*")
-
-
-class OutputError(OSError):
-    """A file of the results can't be written (or read); the message is one sentence that names it and what to do."""
-
-
-def output_error(path, error, reading=False):
-    """An OutputError, with `error`'s errno, for the OSError `error` met on `path`."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        advice = "free some space, or choose a folder on another disk, and run again"
-    elif error.errno in READ_ONLY_ERRNOS:
-        advice = "copy the folder somewhere you can read it" if reading else (
-            "choose a folder you can write (--out, or OUT_DIR in a notebook)"
-        )
-    elif error.errno in (errno.ENOTDIR, errno.EEXIST):
-        advice = "a file stands where a folder is needed: choose another folder"
-    else:
-        advice = "check that folder and run again"
-    problem = OutputError(f"Can't {'read' if reading else 'write'} {path} ({error.strerror or error}): {advice}.")
-    problem.errno = error.errno
-    return problem
-
-
-def _check_inductor_cache_setting():
-    """Fall back to Inductor's default cache, with one line, where TORCHINDUCTOR_CACHE_DIR can't be written: torch
-    makes that folder as diffusers is imported, and would fail there with a traceback. This module is imported
-    before diffusers is."""
-    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not folder:
-        return
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-        print(f"Warning: TORCHINDUCTOR_CACHE_DIR={folder} can't be written ({error.strerror or error}), so Inductor "
-              "uses its default cache folder: set TORCHINDUCTOR_CACHE_DIR to a folder you can write, or unset it.")
-
-
-_check_inductor_cache_setting()
-
-
-def package_versions():
-    versions = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    versions["cuda"] = torch.version.cuda
-    return versions
-
-
-def precision_settings():
-    """What "fp32" means for this process's matmuls and cuDNN convolutions: "tf32" (TF32 tensor cores, faster and less
-    exact), "ieee" (full fp32) or "none" (no TF32). Read through torch's `fp32_precision` settings, which answer
-    whichever API set them; the older `allow_tf32` flags raise once the new API has set a flag."""
-    return {
-        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
-        "cudnn_conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
-    }
-
-
-def device_name(device=None):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def driver_version():
-    if not torch.cuda.is_available():
-        return None
-    try:
-        import subprocess
-
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10,
-        )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def make_record(step, measurement, params, *, dtype, image_file=None, quality=None, status="ok", note=None, extra=None,
@@ -157,61 +64,6 @@ def make_record(step, measurement, params, *, dtype, image_file=None, quality=No
         record.update(measurement.to_dict())
     record.update(extra or {})
     return record
-
-
-def new_file(folder, stem, suffix):
-    """Create `<folder>/<stem><suffix>` empty, or `<stem>-2<suffix>`, `-3`, ... where the name is taken; its path.
-
-    Creation is exclusive, so runs writing one folder, even at the same time, never get the same file."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for number in itertools.count(1):
-        path = folder / (f"{stem}{suffix}" if number == 1 else f"{stem}-{number}{suffix}")
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return path
-        except FileExistsError:
-            continue
-
-
-def write_atomically(path, write):
-    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: readers never see half.
-
-    A failed write leaves `path` as it was and raises OutputError."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    except OSError as error:
-        raise output_error(path, error) from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared results folder must stay readable
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, OutputError):
-            raise output_error(path, error) from None
-        raise
-
-
-def write_new(folder, stem, suffix, write):
-    """`write` a new file named as `new_file` says, atomically; returns its path. A failure leaves no file."""
-    try:
-        path = new_file(folder, stem, suffix)
-    except OSError as error:
-        raise output_error(Path(folder), error) from None
-    try:
-        write_atomically(path, write)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _write_atomically(path, records):

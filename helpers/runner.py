@@ -10,37 +10,36 @@ a folder of its own in the system's temporary folder. It is removed when the run
 a run that was killed outright leaves it behind, and the next run removes it.
 """
 
-import errno
-import fcntl
 import importlib
-import logging
-import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
-import uuid
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import check_model, download, resolve_model
-from .params import Params, cell_names
-from .quiet import _DropMatching
-from .results import (
-    EXECUTED_NOTEBOOK_ENV,
+from .files import (
+    WRITE_ERRNOS,
     OutputError,
-    append_record,
-    load_records,
-    make_record,
+    check_writable,
+    environment,
     new_file,
     output_error,
+    within,
     write_atomically,
 )
-from .steps import APPENDICES, STEP_IDS, STEPS, get_notebook
+from .kernels import (
+    interrupt_name_and_code,
+    ipc_kernel_manager,
+    kernel_said,
+    run_folder,
+    running_cell,
+    sigterm_as_interrupt,
+    stop_kernels,
+)
+from .models import check_model, download, resolve_model
+from .params import Params, cell_names
+from .results import EXECUTED_NOTEBOOK_ENV, append_record, load_records, make_record
+from .steps import STEP_IDS, select_steps
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-RUN_FOLDER_PREFIX = "sdxl-fast-run-"
 OUT_OF_MEMORY_ERRORS = ("OutOfMemoryError", "OutOfMemory", "MemoryError")
 # How a RuntimeError (or Inductor's wrapping of one) says that an allocation failed, on a GPU or in CPU memory.
 OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -52,8 +51,6 @@ CPU_OOM_ADVICE = (
     "out of memory: use a smaller --height/--width, close other programs, or use a machine with more memory "
     "(SDXL's fp32 weights alone are 14 GB)"
 )
-# Errors writing a file that another folder (or more disk space) would cure.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
 
 
 class RunFailed(RuntimeError):
@@ -66,40 +63,6 @@ class RunStopped(Exception):
     def __init__(self, message, exit_code):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run is, so that it ends as Ctrl-C does: kernel stopped, temporary files removed."""
-
-
-def interrupt_name_and_code(interrupt):
-    """("SIGTERM", 143) or ("Ctrl-C", 130): what stopped the run, and the exit status a shell expects for it."""
-    return ("SIGTERM", 128 + signal.SIGTERM) if isinstance(interrupt, Terminated) else ("Ctrl-C", 128 + signal.SIGINT)
-
-
-def _ipc_kernel_manager(folder, kernels):
-    """A kernel manager class whose kernels talk over socket files in `folder` rather than TCP ports (nothing
-    reachable from the network, no warning per kernel about unencrypted TCP); each one started joins `kernels`."""
-    from jupyter_client.manager import AsyncKernelManager
-    from traitlets import default
-
-    class IpcKernelManager(AsyncKernelManager):
-        @default("transport")
-        def _transport_default(self):
-            return "ipc"
-
-        @default("connection_file")
-        def _connection_file_default(self):
-            # The sockets are named after it: in the run's folder, two runs' kernels never share a name.
-            return str(folder / f"kernel-{uuid.uuid4().hex[:8]}.json")
-
-        async def _async_launch_kernel(self, kernel_cmd, **kw):
-            kernels.append(self)
-            # The kernel's own log (its complaints when Ctrl-C shuts it down mid-cell) goes to a file, not the terminal.
-            with open(Path(self.connection_file).with_suffix(".log"), "ab") as log:
-                return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
-
-    return IpcKernelManager
 
 
 def is_out_of_memory(error_name, message):
@@ -115,40 +78,6 @@ def _out_of_memory_advice(error_name, message):
     return OOM_ADVICE if on_gpu else CPU_OOM_ADVICE
 
 
-def select_steps(only):
-    """The notebooks to run, in course order: the seven steps (`only` None), or those named in `only` ("01,03",
-    "4-7", "08" or "01-09": the appendices run only when named)."""
-    notebooks = STEPS + APPENDICES
-    if only is None:
-        return list(STEPS)
-    if not str(only).strip():
-        raise ValueError("--only is empty: name the steps to run, e.g. 01,03 or 04-07, or leave it out for 01-07.")
-    wanted = set()
-    for part in str(only).split(","):
-        if "-" in part.strip("-"):
-            first, last = (get_notebook(p).id for p in part.split("-", 1))
-            if first > last:
-                raise ValueError(f"The range {part.strip()!r} in --only runs backwards: write {last}-{first}.")
-            wanted |= {s.id for s in notebooks if first <= s.id <= last}
-        else:
-            wanted.add(get_notebook(part).id)
-    return [step for step in notebooks if step.id in wanted]
-
-
-def _within(path, folder):
-    return path == folder or folder in path.parents
-
-
-def check_writable(folder):
-    """Make `folder` if needed and write a file in it; OutputError, in one sentence, where that fails."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise output_error(folder, error) from None
-
-
 def check_out_dir(out_dir):
     """Refuse, in one sentence, an output folder that is a file, can't be written, or would write among the course's
     own notebooks."""
@@ -156,7 +85,7 @@ def check_out_dir(out_dir):
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file: give a folder for the run, a new one or one of an earlier run.")
     course = NOTEBOOKS_DIR.resolve()
-    if _within((out_dir / "notebooks").resolve(), course) or _within(out_dir, course):
+    if within((out_dir / "notebooks").resolve(), course) or within(out_dir, course):
         raise ValueError(
             f"--out {out_dir} would put executed notebooks among the course's own in {course}: "
             "give the run a folder of its own, e.g. outputs/run."
@@ -186,19 +115,36 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, e
         check_writable(Path(inductor_cache).resolve())
     if params.model != "auto":
         print(f"Model: {model}.")
-    statuses = []
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         download(model)  # once, with a progress bar, before notebook 01: every notebook then loads from disk
-        # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
-        params = Params(**{**params.to_dict(), "model": model, "out_dir": ".", "compile_cache": compile_cache})
-        with _run_folder() as folder:
-            caches = {s.id: Path(inductor_cache).resolve() if inductor_cache else folder / "inductor" / s.id
-                      for s in steps}
-            _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, (extras, settings))
-        if any(status == "ok" and step_id in STEP_IDS for step_id, status in statuses):  # an appendix alone: no chart
+        with run_folder() as folder:
+            # The notebooks read the results of earlier ones (the baseline image, step 06's compile time) from ".".
+            run = Run(Params(**{**params.to_dict(), "model": model, "out_dir": ".", "compile_cache": compile_cache}),
+                      out_dir, folder, Path(inductor_cache).resolve() if inductor_cache else None, progress, extras,
+                      settings)
+            _run_notebooks(run, steps)
+        if any(status == "ok" and step_id in STEP_IDS for step_id, status in run.statuses):  # appendices: no chart
             chart = chart_from_dir(out_dir)
             print(f"Chart: {chart}")
-    return statuses
+    return run.statuses
+
+
+@dataclass
+class Run:
+    """What every notebook of one run shares, and what the run has done so far."""
+
+    params: Params  # the notebooks' parameters, with the model resolved and OUT_DIR "." (the kernels run in out_dir)
+    out_dir: Path
+    folder: Path  # the run's own temporary folder: kernels' sockets, each notebook's Inductor cache
+    inductor_cache: Path | None  # one Inductor cache folder for every notebook, or None for one each, cold
+    progress: bool
+    extras: bool  # False: leave out the cells tagged "extra"
+    settings: dict  # {NAME: value} for the notebooks that have that parameter
+    statuses: list = field(default_factory=list)  # (step id, status), in order
+    kernels: list = field(default_factory=list)  # the kernels started and not yet stopped
+
+    def inductor_cache_of(self, step):
+        return self.inductor_cache or self.folder / "inductor" / step.id
 
 
 def _checked_compile_cache(params, model, steps):
@@ -206,7 +152,7 @@ def _checked_compile_cache(params, model, steps):
     this machine and these parameters; None where there is none. The notebooks check the model's architecture."""
     if params.compile_cache is None:
         return None
-    from .coldstart import check_compile_cache
+    from .compile_cache import check_compile_cache
 
     path = Path(params.compile_cache).resolve()
     manifest = check_compile_cache(path, Params(**{**params.to_dict(), "model": model}), steps=[s.id for s in steps])
@@ -215,109 +161,34 @@ def _checked_compile_cache(params, model, steps):
     return str(path)
 
 
-# Set once Ctrl-C or SIGTERM has stopped the run: from then on the notebook's kernel is expected to die.
-_stopped_by_user = threading.Event()
-# What papermill and asyncio log when the kernel of an interrupted notebook is shut down under a cell still waiting
-# for it: noise after the run's own one line, dropped only once the user stopped the run.
-AFTER_STOP_NOISE = (("papermill", "Kernel died while waiting for execute reply"),
-                    ("asyncio", "Task exception was never retrieved"),
-                    ("asyncio", "Task was destroyed but it is pending"))
-
-
-class _DropAfterStop(_DropMatching):
-    def filter(self, record):
-        return not _stopped_by_user.is_set() or super().filter(record)
-
-
-for _logger_name, _text in AFTER_STOP_NOISE:
-    logging.getLogger(_logger_name).addFilter(_DropAfterStop(_text))
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """Within the block, SIGTERM raises Terminated where the run is, instead of ending the process on the spot, and
-    Ctrl-C raises KeyboardInterrupt as always; both first mark the run as stopped by the user."""
-
-    def stop(signum, frame):
-        _stopped_by_user.set()
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    previous = {}
-    try:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, stop)
-    except ValueError:  # not the main thread, where only the main thread may handle signals
-        pass
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-@contextmanager
-def _run_folder():
-    """A new private folder for this run's temporary files, removed at the end.
-
-    A lock held on it while the run lives tells a later run whether it was abandoned: a killed process's lock is
-    released by the system."""
-    _remove_abandoned_run_folders()
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=RUN_FOLDER_PREFIX))
-    except OSError as error:
-        raise OutputError(
-            f"Can't make the run's temporary folder in {tempfile.gettempdir()} ({error.strerror or error}): free some "
-            "space there, or point TMPDIR at a folder you can write."
-        ) from None
-    try:
-        with open(folder / "lock.new", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            os.rename(folder / "lock.new", folder / "lock")  # seen by others only once locked: never taken for dead
-            yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _remove_abandoned_run_folders():
-    """Remove the run folders of runs that were killed: theirs is the only kind whose lock can be taken."""
-    for folder in Path(tempfile.gettempdir()).glob(RUN_FOLDER_PREFIX + "*"):
-        try:
-            with open(folder / "lock") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # a live run's, another user's, still being set up, or removed by someone else just now
-            continue
-
-
-def _run_notebooks(steps, params, out_dir, caches, folder, progress, statuses, options):
-    """Execute each notebook in its own kernel, with the Inductor cache folder `caches` gives its step."""
+def _run_notebooks(run, steps):
+    """Execute each notebook in its own kernel, with its own Inductor cache folder unless the run shares one."""
     import papermill
 
-    kernels = []
-    manager = _ipc_kernel_manager(folder, kernels)
+    manager = ipc_kernel_manager(run.folder, run.kernels)
     for step in steps:
         print(f"== {step.id} {step.title} ({step.notebook})", flush=True)
         executed, start = None, time.monotonic()
         try:
-            executed = _new_notebook(out_dir, step)
-            notebook = executed.relative_to(out_dir).as_posix()
-            env = {"TORCHINDUCTOR_CACHE_DIR": str(caches[step.id]), EXECUTED_NOTEBOOK_ENV: notebook}
-            _execute(step, executed, params, out_dir, env, manager, kernels, progress, options)
-            _print_result(out_dir, notebook, step)
-            statuses.append((step.id, "ok"))
+            executed = _new_notebook(run.out_dir, step)
+            notebook = executed.relative_to(run.out_dir).as_posix()
+            env = {"TORCHINDUCTOR_CACHE_DIR": str(run.inductor_cache_of(step)), EXECUTED_NOTEBOOK_ENV: notebook}
+            _execute(run, step, executed, env, manager)
+            _print_result(run.out_dir, notebook, step)
+            run.statuses.append((step.id, "ok"))
         except papermill.PapermillExecutionError as error:
-            statuses.append((step.id, _recorded_failure(step, error, params, out_dir, notebook)))
+            run.statuses.append((step.id, _recorded_failure(run, step, error, notebook)))
         except RuntimeError as error:  # nbclient's DeadKernelError, or jupyter_client's on a kernel that won't start
-            raise _kernel_failure(step, error, folder, notebook) from None
+            raise _kernel_failure(step, error, run.folder, notebook) from None
         except KeyboardInterrupt as interrupt:
-            if step in STEPS and executed is not None:  # an appendix adds no step to the chart
-                _record_stop(step, executed, params, out_dir, interrupt, time.monotonic() - start)
-            raise RunStopped(*_stopped(step, executed, out_dir, statuses, interrupt)) from None
+            if step.charted and executed is not None:
+                _record_stop(run, step, executed, interrupt, time.monotonic() - start)
+            raise RunStopped(*_stopped(run, step, executed, interrupt)) from None
 
 
 def _print_result(out_dir, notebook, step):
     """The step's result in one line, from the record that its executed notebook wrote."""
-    if step in APPENDICES:
+    if not step.charted:
         line = importlib.import_module(f"{__package__}.{step.module}").summary_of(out_dir, notebook)
         if line:
             print(f"   {line}", flush=True)
@@ -337,22 +208,15 @@ def _kernel_failure(step, error, folder, notebook):
 
     if isinstance(error, DeadKernelError):
         return RunFailed(
-            f"The kernel running {step.notebook} died{_kernel_said(folder)}; most often the machine ran out of "
+            f"The kernel running {step.notebook} died{kernel_said(folder)}; most often the machine ran out of "
             f"memory: use a smaller --height/--width, or close other programs (the executed notebook is {notebook})."
         )
     if str(error).startswith("Kernel"):  # "Kernel died before replying to kernel_info", "Kernel didn't respond"
         return RunFailed(
-            f"The kernel for {step.notebook} did not start ({error}{_kernel_said(folder)}): check this "
+            f"The kernel for {step.notebook} did not start ({error}{kernel_said(folder)}): check this "
             "environment's Jupyter kernel with `python -m ipykernel_launcher --help`, or set it up again."
         )
     return error
-
-
-def _kernel_said(folder):
-    """'; the kernel's last words: ...' from the newest kernel log in `folder`, or '' where it logged nothing."""
-    logs = sorted(folder.glob("kernel-*.log"), key=lambda path: path.stat().st_mtime)
-    lines = logs[-1].read_text(errors="replace").strip().splitlines() if logs else []
-    return f"; the kernel's last words: {lines[-1].strip()}" if lines else ""
 
 
 def _new_notebook(out_dir, step):
@@ -391,7 +255,7 @@ def check_settings(settings, steps):
     return dict(settings)
 
 
-def _without_extras(path):
+def without_extras(path):
     """The notebook at `path` without its cells tagged "extra" (optional sections, such as 07's second size, dynamic
     arm and flags panel), and a line in their place that says so."""
     import nbformat
@@ -406,19 +270,18 @@ def _without_extras(path):
     return notebook
 
 
-def _execute(step, executed, params, out_dir, env, manager, kernels, progress, options=(True, {})):
+def _execute(run, step, executed, env, manager):
     import papermill
 
-    extras, settings = options
     own = notebook_parameters(step)
     try:
         with environment(env):
             papermill.execute_notebook(
-                NOTEBOOKS_DIR / step.notebook if extras else _without_extras(NOTEBOOKS_DIR / step.notebook),
+                NOTEBOOKS_DIR / step.notebook if run.extras else without_extras(NOTEBOOKS_DIR / step.notebook),
                 executed,
-                parameters={**cell_names(params), **{k: v for k, v in settings.items() if k in own}},
-                cwd=out_dir,
-                progress_bar=progress,
+                parameters={**cell_names(run.params), **{k: v for k, v in run.settings.items() if k in own}},
+                cwd=run.out_dir,
+                progress_bar=run.progress,
                 kernel_name="python3",
                 kernel_manager_class=manager,
             )
@@ -427,21 +290,8 @@ def _execute(step, executed, params, out_dir, env, manager, kernels, progress, o
             raise
         raise output_error(executed, error) from None
     finally:
-        _stop_kernels(kernels)
-        _tidy(executed, step, out_dir)
-
-
-def _stop_kernels(kernels):
-    """End each kernel still running (an interrupted papermill leaves its kernel busy), its child processes too."""
-    for manager in kernels:
-        process = getattr(manager.provisioner, "process", None)
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)  # the kernel leads a session of its own
-            except OSError:
-                process.kill()
-            process.wait()
-    kernels.clear()
+        stop_kernels(run.kernels)
+        _tidy(executed, step, run.out_dir)
 
 
 def _tidy(executed, step, out_dir):
@@ -465,95 +315,60 @@ def _tidy(executed, step, out_dir):
         pass  # the notebook stays as papermill wrote it, whole; the error that matters is raised elsewhere
 
 
-def _recorded_failure(step, error, params, out_dir, notebook):
+def _recorded_failure(run, step, error, notebook):
     """Record an out-of-memory or unavailable step and return its status; raise for any other failure."""
     if is_out_of_memory(error.ename, error.evalue):
         advice = _out_of_memory_advice(error.ename, error.evalue)
         print(f"{step.id}: {advice}; going on with the next notebook.")
-        if step in STEPS:  # an appendix adds no step to the chart
-            append_record(out_dir, _failure_record(step, params, "out_of_memory", advice, notebook))
+        if step.charted:
+            append_record(run.out_dir, _failure_record(run, step, "out_of_memory", advice, notebook))
         return "out_of_memory"
     if error.ename == "StepUnavailable":
         print(f"{step.id}: skipped: {error.evalue}")
-        if step in STEPS:
-            append_record(out_dir, _failure_record(step, params, "skipped", error.evalue, notebook))
+        if step.charted:
+            append_record(run.out_dir, _failure_record(run, step, "skipped", error.evalue, notebook))
         return "skipped"
     if error.ename == "OutputError":  # a write inside the notebook failed: its sentence says it all
         raise OutputError(error.evalue)
     first_line = error.evalue.strip().splitlines()[0] if error.evalue.strip() else ""
     raise RunFailed(
         f"{step.notebook} failed in cell [{error.exec_count or error.cell_index}]: {error.ename}: {first_line} "
-        f"(the executed notebook is {notebook} in {out_dir.name})"
+        f"(the executed notebook is {notebook} in {run.out_dir.name})"
     )
 
 
-def _stopped(step, executed, out_dir, statuses, interrupt):
+def _stopped(run, step, executed, interrupt):
     """The one line that says which notebook an interrupt stopped and what was kept, and the exit status."""
     how, code = interrupt_name_and_code(interrupt)
-    done = [step_id for step_id, status in statuses if status == "ok"]
+    out_dir = run.out_dir
+    done = [step_id for step_id, status in run.statuses if status == "ok"]
     finished = f"steps {', '.join(done)} finished; " if done else ""
     shown = f"; {executed.relative_to(out_dir)} shows how far it got" if executed and executed.exists() else ""
     kept = f"what this run recorded stays in {out_dir / 'results.json'}"
     return f"Stopped {step.notebook} ({how}): {finished}{kept}{shown}.", code
 
 
-def _record_stop(step, executed, params, out_dir, interrupt, seconds):
+def _record_stop(run, step, executed, interrupt, seconds):
     """Record the step that Ctrl-C or SIGTERM (`timeout`, say) cut off: by what, after how long, in which cell.
 
     Its status is "stopped"; the note and the `stopped` field say by what, when and where."""
     how, _ = interrupt_name_and_code(interrupt)
-    cell, source = _running_cell(executed)
+    cell, source = running_cell(executed)
     where = f", in cell [{cell}] ({source})" if cell else ", before its first cell ran"
     note = f"stopped by {how} after {seconds:.0f} s{where}"
     stopped = {"by": how, "seconds": round(seconds, 1), "cell": cell, "cell_source": source}
-    notebook = executed.relative_to(out_dir).as_posix()
+    notebook = executed.relative_to(run.out_dir).as_posix()
     try:
-        append_record(out_dir, _failure_record(step, params, "stopped", note, notebook, stopped=stopped))
+        append_record(run.out_dir, _failure_record(run, step, "stopped", note, notebook, stopped=stopped))
     except OutputError:  # a full disk, say: the stop still ends in its one line
         pass
 
 
-def _running_cell(executed):
-    """(number, first line) of the last cell papermill started in the executed notebook, the one a stop cut off,
-    numbered as Jupyter shows it; (None, None) where none started or the notebook can't be read. (Papermill marks
-    even an interrupted cell "completed"; the cells it never reached stay "pending", without a start time.)"""
-    import nbformat
-
-    try:
-        notebook = nbformat.read(executed, as_version=4)
-    except (OSError, ValueError):
-        return None, None
-    started = [(number, cell) for number, cell in enumerate((c for c in notebook.cells if c.cell_type == "code"), 1)
-               if cell.metadata.get("papermill", {}).get("start_time")]
-    if not started:
-        return None, None
-    number, cell = started[-1]
-    return cell.get("execution_count") or number, (cell.source.strip().splitlines() or [""])[0][:100]
-
-
-def _failure_record(step, params, status, note, notebook, **extra):
+def _failure_record(run, step, status, note, notebook, **extra):
     import torch
 
     from .models import low_precision_dtype
 
     dtype = low_precision_dtype(verbose=False) if step.settings.low_precision else torch.float32
-    return make_record(step.id, None, params, dtype=dtype, status=status, note=note,
+    return make_record(step.id, None, run.params, dtype=dtype, status=status, note=note,
                        extra={"notebook": notebook, **extra})
-
-
-class environment:
-    """Set environment variables for the kernels started inside the block, then restore them."""
-
-    def __init__(self, values):
-        self.values = values
-
-    def __enter__(self):
-        self.saved = {key: os.environ.get(key) for key in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc):
-        for key, value in self.saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

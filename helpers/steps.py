@@ -44,6 +44,7 @@ class Step:
     # from; None where the tutorial has no such step.
     tutorial_a100_s: float | None
     settings: Settings
+    charted = True  # a bar of the chart: its records are the ladder's, also those of a failure
 
 
 STEPS = (
@@ -69,6 +70,7 @@ class Appendix:
     title: str
     notebook: str
     module: str  # the helpers module whose `summary_of(out_dir, notebook)` is the runner's line for it
+    charted = False  # its own records and charts; a failure is the runner's line only
 
 
 # The appendices, which the runner runs when `--only` names them (08, 09 or a range such as 01-09).
@@ -97,3 +99,23 @@ def get_step(key):
 def get_notebook(key):
     """A step of the ladder or an appendix the runner runs, named as `get_step` names steps."""
     return _find(key, STEPS + APPENDICES)
+
+
+def select_steps(only):
+    """The notebooks to run, in course order: the seven steps (`only` None), or those named in `only` ("01,03",
+    "4-7", "08" or "01-09": the appendices run only when named)."""
+    notebooks = STEPS + APPENDICES
+    if only is None:
+        return list(STEPS)
+    if not str(only).strip():
+        raise ValueError("--only is empty: name the steps to run, e.g. 01,03 or 04-07, or leave it out for 01-07.")
+    wanted = set()
+    for part in str(only).split(","):
+        if "-" in part.strip("-"):
+            first, last = (get_notebook(p).id for p in part.split("-", 1))
+            if first > last:
+                raise ValueError(f"The range {part.strip()!r} in --only runs backwards: write {last}-{first}.")
+            wanted |= {s.id for s in notebooks if first <= s.id <= last}
+        else:
+            wanted.add(get_notebook(part).id)
+    return [step for step in notebooks if step.id in wanted]

@@ -12,11 +12,13 @@ import torch
 from matplotlib.figure import Figure
 from torch._dynamo.utils import counters
 
+from .files import write_atomically
 from .images import image_size
-from .ladder import call_with_cudagraph_fallback, last_cudagraph_fallback, pipeline_state, recompile_limit_hits
+from .ladder import pipeline_state
 from .memory import free_memory
 from .models import ACTIVATION_BYTES
-from .results import append_record, make_record, write_atomically
+from .regions import call_with_cudagraph_fallback, last_cudagraph_fallback, recompile_limit_hits
+from .results import append_record, make_record
 from .timing import benchmark
 
 THROUGHPUT_DIR = "throughput"  # inside OUT_DIR: its own results.json, so the ladder's chart never reads these

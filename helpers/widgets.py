@@ -17,13 +17,14 @@ import io
 import ipywidgets as widgets
 import torch
 
+from .errors import ModelUnavailable
 from .images import describe_quality, generate, image_size, quality, side_by_side
 from .ladder import build, build_pipeline, require_torchao
+from .machine import device_name
 from .memory import free_memory
-from .models import ModelUnavailable, low_precision_dtype, native_size
+from .models import low_precision_dtype, native_size
 from .params import COMPILE_MODES
 from .recording import baseline_image
-from .results import device_name
 from .steps import Settings, StepUnavailable, get_step
 from .timing import benchmark
 

@@ -1,4 +1,4 @@
-"""Which regions to compile in SDXL's UNet: each choice of `helpers.ladder.REGIONS` against the full compile.
+"""Which regions to compile in SDXL's UNet: each choice of `helpers.regions.REGIONS` against the full compile.
 
     python scripts/compare_regions.py --model tiny --height 64 --width 64 --steps 2 --compile-mode default --out DIR
 
@@ -23,9 +23,9 @@ from PIL import Image
 
 import helpers
 from helpers.flops import eager_share
-from helpers.ladder import REGIONS
+from helpers.machine import device_name
 from helpers.params import COMPILE_MODES, Params
-from helpers.results import device_name
+from helpers.regions import REGIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = "full compile (06)"
@@ -36,7 +36,7 @@ import json, sys
 import torch
 from torch._dynamo.utils import counters
 import helpers
-from helpers.ladder import recompile_limit_hits
+from helpers.regions import recompile_limit_hits
 
 arm, params = sys.argv[1], helpers.Params(**json.loads(sys.argv[2]))
 pipe = helpers.build(params.model, through="06", compile=False, verbose=False)

@@ -60,20 +60,11 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
+from helpers.files import OutputError, new_file, write_atomically, write_new
 from helpers.ladder import build
+from helpers.machine import device_name, package_versions
 from helpers.params import COMPILE_MODES, Params
-from helpers.results import (
-    RESULTS_FILE,
-    OutputError,
-    append_record,
-    device_name,
-    make_record,
-    new_file,
-    package_versions,
-    read_records_file,
-    write_atomically,
-    write_new,
-)
+from helpers.results import RESULTS_FILE, append_record, make_record, read_records_file
 from helpers.runner import check_out_dir
 from helpers.steps import get_step
 from helpers.throughput import generate_batch

@@ -124,7 +124,7 @@ def plan(args):
 
 def environment(args):
     import helpers
-    from helpers.results import device_name, package_versions
+    from helpers.machine import device_name, package_versions
 
     found = {"device": device_name(), "versions": package_versions()}
     if CUDA:
@@ -168,21 +168,21 @@ def regional(args, mode):
     """The repeated blocks of step 05's pipeline compiled in `mode`, as step 07 compiles them, the VAE decoder
     eager: compile time, latency, attention kernel, memory, and on a GPU whether pytorch#152887 hit."""
     import helpers
-    from helpers import ladder
+    from helpers import regions
 
     torch.compiler.reset()  # the code compiled for earlier pipelines would count toward the blocks' recompile limit
     params = helpers.Params(model=args.model, steps=args.steps, height=args.size, width=args.size)
     pipe = helpers.build(args.model, through="05", compile=False, verbose=False)
     helpers.compile_regions(pipe, mode=mode)
     del pipe.vae.decode  # the class's own, eager, decode again
-    before = len(ladder.cudagraph_fallbacks)  # what helpers.generate said each time it fell back
+    before = len(regions.cudagraph_fallbacks)  # what helpers.generate said each time it fell back
     stage("the first call, which compiles")
     try:
         measurement = helpers.benchmark(lambda: helpers.generate(pipe, params), warmup=1, runs=3, progress=False)
         stage("the attention probe")
         attention = helpers.attention_kernels(pipe, params) or "none"  # read from ops and GPU kernel names
     except RuntimeError as error:
-        if ladder.CUDAGRAPH_OVERWRITE not in str(error):  # pytorch#152887's error, where nothing fell back
+        if regions.CUDAGRAPH_OVERWRITE not in str(error):  # pytorch#152887's error, where nothing fell back
             raise
         raise RuntimeError(f"pytorch/pytorch#152887 hits SDXL with torch {torch.__version__}: "
                            f"{str(error).strip().splitlines()[0][:300]}") from None
@@ -194,7 +194,7 @@ def regional(args, mode):
         "blocks": helpers.pipeline_state(pipe)["compiled"].get("repeated_blocks"),
     }
     if CUDA and mode == "max-autotune":
-        fell_back = ladder.cudagraph_fallbacks[before:]
+        fell_back = regions.cudagraph_fallbacks[before:]
         found["pytorch#152887"] = (f"hits: {fell_back[0]}" if fell_back else
                                    f"not hit in 7 images under CUDA graphs, torch {torch.__version__}")
     if CUDA:
@@ -260,7 +260,8 @@ def busy_gpu(args):
     """Another process holds nearly all of the GPU: loading must stop with one sentence, naming the process where
     nvidia-smi lists it (inside a container it usually lists none), not crash later."""
     import helpers
-    from helpers.models import GpuMemoryBusy, gpu_memory_held_by_others
+    from helpers.errors import GpuMemoryBusy
+    from helpers.memory import gpu_memory_held_by_others
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD_MEMORY, "2"], stdout=subprocess.PIPE, text=True)
     try:

@@ -33,9 +33,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from helpers.flops import efficiency, image_flops, peak_tflops
 from helpers.images import generate
 from helpers.ladder import build, pipeline_state
+from helpers.machine import device_name, package_versions
 from helpers.params import COMPILE_MODES, Params
 from helpers.probe import attention_backends
-from helpers.results import device_name, package_versions
 from helpers.timing import synchronize
 
 MAX_FILE_BYTES = 15 * 2**20  # scripts/gpu_reference.sh promises files under 16 MB

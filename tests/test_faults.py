@@ -31,7 +31,9 @@ from test_runner import stand_in_notebooks
 import helpers.__main__ as cli
 import helpers.runner as runner
 from helpers import ModelUnavailable, Params, check_model, load_pipeline, quality, record_step
-from helpers.results import RESULTS_FILE, OutputError, append_record, load_records
+from helpers.files import OutputError
+from helpers.kernels import RUN_FOLDER_PREFIX
+from helpers.results import RESULTS_FILE, append_record, load_records
 from helpers.timing import Measurement
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -457,7 +459,7 @@ def test_what_a_killed_run_leaves_the_next_run_removes(busy_runs, tmp_path, monk
     finally:
         if is_alive(kernel):  # orphaned, it would end by itself within seconds
             os.kill(kernel, signal.SIGKILL)
-    assert len(left) == 1 and left[0].startswith(runner.RUN_FOLDER_PREFIX)
+    assert len(left) == 1 and left[0].startswith(RUN_FOLDER_PREFIX)
     quick = tmp_path / "quick"
     quick.mkdir()
     # The quickest run there is: a notebook whose kernel imports nothing, an appendix, which draws no chart.

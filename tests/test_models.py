@@ -7,18 +7,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+import helpers.machine as machine
+import helpers.memory as memory
 import helpers.models as models
 from helpers import Params, generate, load_pipeline
-from helpers.models import (
-    GpuMemoryBusy,
-    ModelUnavailable,
-    check_model,
-    download,
-    float16_vae,
-    gpu_memory_held_by_others,
-    low_precision_dtype,
-    resolve_model,
-)
+from helpers.errors import GpuMemoryBusy, ModelUnavailable
+from helpers.memory import gpu_memory_held_by_others
+from helpers.models import check_model, download, float16_vae, low_precision_dtype, resolve_model
 
 TINY_PARAMS = Params(model="tiny", steps=2, height=64, width=64)
 GPU_UUID = "8a6f2b1c-0d3e-4f5a-9b8c-7d6e5f4a3b2c"
@@ -26,7 +21,7 @@ GPU_UUID = "8a6f2b1c-0d3e-4f5a-9b8c-7d6e5f4a3b2c"
 
 def fake_nvidia_smi(monkeypatch, names=(), apps=()):
     """nvidia-smi as if installed: `names` for --query-gpu, `apps` (pid, GPU uuid) for --query-compute-apps."""
-    monkeypatch.setattr(models.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(machine.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
 
     def run(args, **kwargs):
         assert args[0] == "nvidia-smi" and kwargs.get("timeout")
@@ -36,7 +31,7 @@ def fake_nvidia_smi(monkeypatch, names=(), apps=()):
             lines = [f"{pid}, GPU-{uuid}" for pid, uuid in apps]
         return subprocess.CompletedProcess(args, 0, stdout="".join(f"{line}\n" for line in lines))
 
-    monkeypatch.setattr(models.subprocess, "run", run)
+    monkeypatch.setattr(machine.subprocess, "run", run)
 
 
 def simulate_gpu(monkeypatch, free, total, reserved=0, name="NVIDIA L4", bf16=True):
@@ -50,7 +45,7 @@ def simulate_gpu(monkeypatch, free, total, reserved=0, name="NVIDIA L4", bf16=Tr
 
 def test_auto_is_tiny_without_a_gpu_and_says_why(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(models.shutil, "which", lambda name: None)
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
     assert resolve_model("auto") == "tiny"
     line = capsys.readouterr().out.strip()
     assert line.startswith("Model: tiny (no GPU") and "\n" not in line
@@ -70,12 +65,12 @@ def test_auto_refuses_a_gpu_that_this_torch_cannot_use(monkeypatch):
 @pytest.mark.parametrize("failure", [subprocess.TimeoutExpired("nvidia-smi", 10), OSError("exec format error")])
 def test_a_failing_nvidia_smi_means_no_gpu(monkeypatch, failure):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(models.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(machine.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
 
     def run(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(models.subprocess, "run", run)
+    monkeypatch.setattr(machine.subprocess, "run", run)
     assert resolve_model("auto", verbose=False) == "tiny"
 
 
@@ -102,10 +97,10 @@ def test_gpu_with_bf16_gets_bf16(monkeypatch):
 
 def test_memory_held_by_others_leaves_out_this_process(monkeypatch):
     simulate_gpu(monkeypatch, free=4e9, total=24e9, reserved=1.3e9)
-    monkeypatch.setattr(models.shutil, "which", lambda name: None)
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
     held = gpu_memory_held_by_others("cuda")
     # used 20 GB, less 1.3 GB this process reserved and its CUDA context
-    assert held.others == pytest.approx(20e9 - 1.3e9 - models.CUDA_CONTEXT_BYTES) and held.total == 24e9
+    assert held.others == pytest.approx(20e9 - 1.3e9 - memory.CUDA_CONTEXT_BYTES) and held.total == 24e9
     assert held.pids == []
 
 
@@ -133,23 +128,24 @@ def test_a_gpu_busy_with_another_kernel_refuses_the_pipeline_in_one_sentence(mon
 
 
 def test_others_that_leave_room_get_one_line_and_a_little_gets_none(monkeypatch, capsys):
-    monkeypatch.setattr(models.shutil, "which", lambda name: None)
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
     simulate_gpu(monkeypatch, free=75e9, total=80e9)
-    models.check_gpu_memory("sdxl-random", torch.bfloat16, "cuda")
+    memory.check_gpu_memory(models.pipeline_bytes("sdxl-random", torch.bfloat16), "cuda")
     line = capsys.readouterr().out.strip()
     assert line == (
         "GPU memory: other processes hold 4.5 GB of this GPU's 80.0 GB (probably another notebook's kernel); this "
         "pipeline needs about 9.4 GB, which fits beside."
     )
     simulate_gpu(monkeypatch, free=79e9, total=80e9)
-    models.check_gpu_memory("sdxl-random", torch.bfloat16, "cuda")
+    memory.check_gpu_memory(models.pipeline_bytes("sdxl-random", torch.bfloat16), "cuda")
     assert capsys.readouterr().out == ""
 
 
 def test_a_pipeline_larger_than_the_gpu_is_not_blamed_on_others(monkeypatch):
-    monkeypatch.setattr(models.shutil, "which", lambda name: None)
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
     simulate_gpu(monkeypatch, free=12e9, total=16e9, name="Tesla T4")
-    models.check_gpu_memory("sdxl-random", torch.float32, "cuda", verbose=False)  # 17 GB: too big for any T4
+    fp32_sdxl = models.pipeline_bytes("sdxl-random", torch.float32)  # 17 GB: too big for any T4
+    memory.check_gpu_memory(fp32_sdxl, "cuda", verbose=False)
 
 
 def test_parameter_counts_match_the_models():

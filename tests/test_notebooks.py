@@ -10,7 +10,7 @@ from conftest import FAKE_HF_TOKEN, NOTEBOOKS
 from PIL import Image
 
 from helpers import STEPS, get_step, low_precision_dtype
-from helpers.results import device_name
+from helpers.machine import device_name
 
 pytestmark = pytest.mark.notebooks
 
@@ -136,9 +136,27 @@ def test_notebooks_in_git_have_no_outputs_and_a_parameters_cell():
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
-        assert not [c for c in code if c.outputs or c.execution_count], f"{path.name} has outputs: clear them"
+        assert not [c for c in code if c.outputs or c.execution_count], f"{path.name}: python -m helpers clean"
         assert "parameters" in code[0].metadata.get("tags", []), path.name
     assert sorted(p.name for p in NOTEBOOKS.glob("0[1-7]_*.ipynb")) == [s.notebook for s in STEPS]
+
+
+def test_clean_strips_what_a_run_leaves_and_nothing_else(tmp_path, capsys):
+    import helpers.__main__ as cli
+
+    stored = NOTEBOOKS / "01_baseline.ipynb"
+    run = nbformat.read(stored, as_version=4)
+    for number, cell in enumerate(c for c in run.cells if c.cell_type == "code"):
+        cell.execution_count = number + 1
+        cell.outputs = [nbformat.v4.new_output("stream", text="printed\n")]
+        cell.metadata["execution"] = {"iopub.status.idle": "2026-12-06T10:00:00Z"}
+    run.metadata["papermill"] = {"parameters": {"STEPS": 2}}
+    path = tmp_path / stored.name
+    nbformat.write(run, path)
+    assert cli.main(["clean", str(path)]) == 0 and "Cleaned 01_baseline.ipynb." in capsys.readouterr().out
+    assert path.read_text() == stored.read_text()  # byte for byte what git holds
+    assert cli.main(["clean", str(path)]) == 0 and "already clean" in capsys.readouterr().out
+    assert cli.main(["clean", str(tmp_path / "missing.ipynb")]) == 2
 
 
 def test_console_shows_each_notebook_its_result_and_no_library_noise(series):

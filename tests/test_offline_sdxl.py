@@ -271,7 +271,7 @@ def test_unknown_model_is_refused():
 def test_each_choice_of_regions_leaves_less_of_sdxl_eager():
     from helpers.flops import eager_share
 
-    shares = [eager_share(regions=choice) for choice in helpers.ladder.REGIONS]
+    shares = [eager_share(regions=choice) for choice in helpers.regions.REGIONS]
     assert shares[0] == pytest.approx(1 - repeated_block_share()["inside"])  # diffusers' blocks: a quarter eager
     assert shares[0] > 0.25 > shares[1] > 0.03 > 0.001 > shares[2] > 0  # then the stem and the time embedding only
 

@@ -95,7 +95,7 @@ def test_release_leaves_no_compiled_code_of_a_dead_pipeline(capsys):
 
 def test_regions_that_fail_under_cuda_graphs_are_compiled_again_without_them(monkeypatch, capsys):
     # A stand-in for pytorch/pytorch#152887, which only a GPU shows: the UNet's first call raises its error.
-    from helpers import ladder
+    from helpers import regions
 
     pipe = helpers.load_pipeline("tiny", verbose=False)
     pipe.unet.compile_repeated_blocks(mode="max-autotune", fullgraph=True, dynamic=False)
@@ -113,19 +113,19 @@ def test_regions_that_fail_under_cuda_graphs_are_compiled_again_without_them(mon
 
     monkeypatch.setattr(pipe.unet, "forward", fails_once)
     monkeypatch.setattr(pipe.unet, "compile_repeated_blocks", compile_cheaply)
-    monkeypatch.setattr(ladder, "cudagraph_fallbacks", [])
+    monkeypatch.setattr(regions, "cudagraph_fallbacks", [])
     assert helpers.generate(pipe, PARAMS).size == (64, 64)
     assert recompiled == [{"mode": "max-autotune-no-cudagraphs", "fullgraph": True, "dynamic": False}]
-    (said,) = ladder.cudagraph_fallbacks
+    (said,) = regions.cudagraph_fallbacks
     assert said in capsys.readouterr().out and "#152887" in said and "\n" not in said
     with pytest.raises(RuntimeError, match="something else"):  # any other error is raised as it is
-        ladder.call_with_cudagraph_fallback(pipe, lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+        regions.call_with_cudagraph_fallback(pipe, lambda: (_ for _ in ()).throw(RuntimeError("something else")))
 
 
 def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(request):
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    from helpers.ladder import recompile_limit_hits
+    from helpers.regions import recompile_limit_hits
 
     limit = torch._dynamo.config.patch(recompile_limit=2)  # what two widths fill, as 8 fills in a notebook
     limit.__enter__()
@@ -151,9 +151,9 @@ def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(requ
     assert recompile_limit_hits() == hits + 1 and cached_graphs() == 2
 
 
-@pytest.mark.parametrize("regions", list(helpers.ladder.REGIONS))
+@pytest.mark.parametrize("regions", list(helpers.regions.REGIONS))
 def test_each_choice_of_regions_compiles_what_it_names_and_runs_nothing_eagerly(regions, monkeypatch, capsys):
-    from helpers.ladder import REGIONS, recompile_limit_hits, region_versions
+    from helpers.regions import REGIONS, recompile_limit_hits, region_versions
 
     graphs = []
 

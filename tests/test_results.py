@@ -6,18 +6,11 @@ import sys
 import pytest
 from conftest import ROOT
 
+from helpers.files import OutputError, new_file
+from helpers.machine import device_name
 from helpers.models import native_size, resolve_model
 from helpers.params import Params
-from helpers.results import (
-    RESULTS_FILE,
-    OutputError,
-    append_record,
-    device_name,
-    latest_records,
-    load_records,
-    make_record,
-    new_file,
-)
+from helpers.results import RESULTS_FILE, append_record, latest_records, load_records, make_record
 from helpers.timing import Measurement
 
 

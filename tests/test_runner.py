@@ -12,9 +12,11 @@ from conftest import ROOT
 from nbformat.v4 import new_code_cell, new_notebook
 
 import helpers.__main__ as cli
+import helpers.kernels as kernels
 import helpers.runner as runner
 from helpers.params import Params, cell_names
 from helpers.results import record_problem
+from helpers.steps import select_steps
 
 # Every parameter, as the course's notebooks have them: papermill warns about each one a notebook lacks.
 PARAMETERS = new_code_cell(
@@ -71,7 +73,7 @@ def test_out_of_memory_and_unavailable_steps_are_recorded_and_the_run_goes_on(tm
     for cpu in records[4:]:  # out of CPU memory: the same record and advice, less the GPU
         assert "smaller --height/--width" in cpu["note"] and "close other programs" in cpu["note"]
     assert "torchao is missing" in records[1]["note"]
-    assert [r["notebook"] for r in records] == [f"notebooks/{s.notebook}" for s in runner.select_steps("01-06")]
+    assert [r["notebook"] for r in records] == [f"notebooks/{s.notebook}" for s in select_steps("01-06")]
     assert (out / "latency_per_step.png").stat().st_size > 10_000
     assert "going on with the next notebook" in capsys.readouterr().out
 
@@ -97,7 +99,7 @@ def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path, mon
                                             ("sdpa,baseline", ["01", "03"]), (None, [f"0{i}" for i in range(1, 8)]),
                                             ("09", ["09"]), ("01-09", [f"0{i}" for i in range(1, 10)])])
 def test_step_selection_keeps_course_order(only, expected):
-    assert [s.id for s in runner.select_steps(only)] == expected
+    assert [s.id for s in select_steps(only)] == expected
 
 
 def test_a_kernel_that_dies_stops_the_run_in_one_sentence(tmp_path, monkeypatch, capsys):
@@ -128,12 +130,12 @@ def test_once_stopped_the_dying_kernels_noise_is_dropped_and_nothing_else():
         logging.getLogger(name).addHandler(handler)
     try:
         logging.getLogger("papermill").error("Kernel died while waiting for execute reply.")
-        runner._stopped_by_user.set()
+        kernels.stopped_by_user.set()
         logging.getLogger("papermill").error("Kernel died while waiting for execute reply.")
         logging.getLogger("asyncio").error("Task exception was never retrieved")
         logging.getLogger("papermill").error("Executing cell 3")
     finally:
-        runner._stopped_by_user.clear()
+        kernels.stopped_by_user.clear()
         for name in ("papermill", "asyncio"):
             logging.getLogger(name).removeHandler(handler)
     assert seen == ["Kernel died while waiting for execute reply.", "Executing cell 3"]
@@ -177,7 +179,7 @@ def test_a_notebook_cut_off_by_sigterm_leaves_a_record_that_says_where(tmp_path)
 
 
 def test_no_extras_leaves_out_07s_optional_sections_and_says_so():
-    notebook = runner._without_extras(runner.NOTEBOOKS_DIR / "07_regional_compile.ipynb")
+    notebook = runner.without_extras(runner.NOTEBOOKS_DIR / "07_regional_compile.ipynb")
     sources = [cell.source for cell in notebook.cells]
     assert not any("extra" in cell.metadata.get("tags", []) for cell in notebook.cells)
     assert not any("dynamic=True" in source and "compile_regions" in source for source in sources)  # the dynamic arm
@@ -190,7 +192,7 @@ def test_no_extras_leaves_out_07s_optional_sections_and_says_so():
 
 
 def test_set_gives_a_notebook_its_own_parameter_and_refuses_what_none_has(tmp_path, capsys):
-    steps = runner.select_steps("08-09")
+    steps = select_steps("08-09")
     assert runner.check_settings({"BATCH_SIZES": [1, 8]}, steps) == {"BATCH_SIZES": [1, 8]}
     assert runner.notebook_parameters(steps[1])["BATCH_SIZES"] == [1, 2, 4]
     for settings, said in (({"BATCH_SIZES": [1]}, "none of the selected notebooks has a parameter BATCH_SIZES"),

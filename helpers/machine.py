@@ -1,0 +1,64 @@
+"""Facts about this machine that every record and compile-cache manifest carries: the device, its driver, the
+versions of the course's libraries, and what "fp32" means for its matmuls and convolutions."""
+
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+
+import torch
+
+VERSIONED_PACKAGES = ("torch", "diffusers", "torchao", "transformers")
+
+
+def package_versions():
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def precision_settings():
+    """What "fp32" means for this process's matmuls and cuDNN convolutions: "tf32" (TF32 tensor cores, faster and less
+    exact), "ieee" (full fp32) or "none" (no TF32). Read through torch's `fp32_precision` settings, which answer
+    whichever API set them; the older `allow_tf32` flags raise once the new API has set a flag."""
+    return {
+        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "cudnn_conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+    }
+
+
+def device_name(device=None):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def driver_version():
+    if not torch.cuda.is_available():
+        return None
+    versions = nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
+    return versions[0] if versions else None
+
+
+def nvidia_smi_gpu():
+    """The name of the first GPU nvidia-smi lists, or None: no nvidia-smi, no GPU, or nvidia-smi failed."""
+    names = nvidia_smi("--query-gpu=name", "--format=csv,noheader")
+    return names[0] if names else None
+
+
+def nvidia_smi(*args):
+    """nvidia-smi's output lines for `args`; none where it is missing, fails or hangs."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        result = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
