@@ -15,8 +15,7 @@ from PIL import Image
 
 import helpers
 from helpers import coldstart, compile_cache
-from helpers.runner import select_steps
-from helpers.steps import get_step
+from helpers.steps import get_step, select_steps
 
 SMALL = dict(model="tiny", height=64, width=64, steps=2, compile_mode="default")
 # Run in a fresh process with an empty Inductor cache folder: `save` compiles a small function and saves the
@@ -67,7 +66,7 @@ def test_the_file_holds_a_manifest_the_artifacts_and_the_kernels(cache_file):
     manifest = compile_cache.read_manifest(cache_file)
     assert manifest["steps"] == ["04", "05"] and manifest["compile_mode"] == "default"
     assert (manifest["height"], manifest["width"], manifest["unet_batch"]) == (64, 64, 2)
-    assert manifest["torch"] == torch.__version__ and manifest["device"] == helpers.results.device_name()
+    assert manifest["torch"] == torch.__version__ and manifest["device"] == helpers.machine.device_name()
     assert sum(manifest["artifacts"].values()) >= 1
     with zipfile.ZipFile(cache_file) as archive:
         names = archive.namelist()
@@ -306,19 +305,21 @@ def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
 
 
 @pytest.mark.notebooks
-def test_the_unet_package_holds_no_weights_and_makes_the_pipelines_image_with_the_pipelines(tmp_path):
-    """The tiny UNet exported and compiled ahead of time without its weights, then run by the pipeline in its
-    module's place with the module's own weights."""
-    params = helpers.Params(**{**SMALL, "out_dir": str(tmp_path)})
-    pipe = helpers.build("tiny", through="03", compile=False, verbose=False)
+def test_08s_unet_package_holds_no_weights_and_makes_the_eager_image(series, tiny_folder, tmp_path):
+    """The UNet package that appendix 08 built in the series (exported and compiled ahead of time without its
+    weights), run by a new pipeline in its UNet's place with that UNet's own weights: the eager pipeline's image."""
+    out, _, _ = series
+    package = out / coldstart.COLD_START_DIR / "unet.pt2"
+    params = helpers.Params(model=str(tiny_folder), height=96, width=96, steps=2, out_dir=str(tmp_path))
+    pipe = helpers.build(params.model, through="03", compile=False, verbose=False)
     pipe.set_progress_bar_config(disable=True)
     eager = helpers.generate(pipe, params)
-    package = coldstart.package_unet(pipe, params, tmp_path / "unet.pt2")
     # A weight's bytes, as the package would hold them (raw, in its shared library): found in none of its files.
     weight = max((t for t in pipe.unet.state_dict().values() if t.ndim == 2), key=torch.Tensor.nelement)
     snippet = weight.detach().flatten()[:64].contiguous().view(torch.uint8).numpy().tobytes()
     with zipfile.ZipFile(package) as archive:
         assert not [name for name in archive.namelist() if snippet in archive.read(name)]
+    pipe.unet.to(memory_format=torch.channels_last)  # as the package was exported, and as 08's package start does
     coldstart.load_unet_package(pipe, package)
     packaged = helpers.generate(pipe, params)
     scores = helpers.quality(packaged, eager)
@@ -348,6 +349,14 @@ def test_the_cold_start_appendix_measures_every_start(series):
         assert Image.open(folder / chart).size[0] > 600
     assert compile_cache.read_manifest(folder / "compile-cache.zip")["steps"] == ["04"]
     assert "== 08 cold start (08_cold_start.ipynb)" in log and "time to the first image (max-autotune): cold" in log
+    # The mega-cache's two calls, run inline: nothing to save in a kernel that compiled nothing; the file's entries
+    # loaded, as many of each kind as its manifest counts.
+    (executed,) = (out / "notebooks").glob("08_cold_start*.ipynb")
+    printed = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    assert "save_cache_artifacts() in this kernel, which has compiled nothing: None" in printed
+    manifest = compile_cache.read_manifest(folder / "compile-cache.zip")
+    assert f"load_cache_artifacts() put into this kernel's caches: {manifest['artifacts']}" in printed
 
 
 def test_the_appendix_parameters_cell_is_the_courses_plus_the_modes():
