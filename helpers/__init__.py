@@ -1,48 +1,107 @@
 """Helpers for the SDXL speed course: models, the ladder of steps, timing, results, images and the chart.
 
 Importing this package changes no global torch setting. It silences the few library warnings that a user can do
-nothing about, each by its text (`helpers/quiet.py` lists them).
+nothing about, each by its text (`helpers/quiet.py` lists them). The names below are imported from their modules
+when first used, so a command that needs no pipeline (`python -m helpers run`'s own process, say) never imports
+diffusers.
 """
 
-from . import quiet  # first: its filters must be in place before diffusers is imported
-from .chart import chart_from_dir, draw_chart
-from .coldstart import CompileCacheMismatch, first_call_state, time_start, use_compile_cache
-from .errors import GpuMemoryBusy, ModelUnavailable
-from .flops import image_flops, repeated_block_share
-from .images import generate, grid, image_size, quality, side_by_side
-from .ladder import (
-    build,
-    compile_pipeline,
-    compile_regions,
-    drop_unfused_projections,
-    fuse_qkv,
-    int8_filter,
-    is_compiled,
-    is_fused,
-    matmul_autotuning,
-    pipeline_state,
-    quantize_int8,
-    quantized_layers,
-    require_torchao,
-    set_inductor_flags,
-    unfused_leftovers,
-    use_plain_attention,
-    use_sdpa,
-    weights_gb,
-)
-from .memory import free_memory, gpu_memory_held_by_others, live_pipelines, release
-from .models import (
-    check_model,
-    download,
-    load_pipeline,
-    low_precision_dtype,
-    native_size,
-    resolve_model,
-)
-from .params import Params
-from .probe import attention_kernels
-from .recording import baseline_image, comparable_record, record_step
-from .results import append_record, latest_records, load_records, make_record
-from .steps import STEPS, StepUnavailable, get_step
-from .timing import Measurement, benchmark
-from .widgets import flags_panel, playground
+import importlib
+
+from . import quiet  # noqa: F401  (first, and at once: its filters must be in place before diffusers is imported)
+
+_EXPORTS = {
+    # chart
+    'chart_from_dir': 'chart',
+    'draw_chart': 'chart',
+    # coldstart
+    'CompileCacheMismatch': 'coldstart',
+    'first_call_state': 'coldstart',
+    'time_start': 'coldstart',
+    'use_compile_cache': 'coldstart',
+    # errors
+    'GpuMemoryBusy': 'errors',
+    'ModelUnavailable': 'errors',
+    # flops
+    'image_flops': 'flops',
+    'repeated_block_share': 'flops',
+    # images
+    'generate': 'images',
+    'grid': 'images',
+    'image_size': 'images',
+    'quality': 'images',
+    'side_by_side': 'images',
+    # ladder
+    'build': 'ladder',
+    'compile_pipeline': 'ladder',
+    'compile_regions': 'ladder',
+    'drop_unfused_projections': 'ladder',
+    'fuse_qkv': 'ladder',
+    'int8_filter': 'ladder',
+    'is_compiled': 'ladder',
+    'is_fused': 'ladder',
+    'matmul_autotuning': 'ladder',
+    'pipeline_state': 'ladder',
+    'quantize_int8': 'ladder',
+    'quantized_layers': 'ladder',
+    'require_torchao': 'ladder',
+    'set_inductor_flags': 'ladder',
+    'unfused_leftovers': 'ladder',
+    'use_plain_attention': 'ladder',
+    'use_sdpa': 'ladder',
+    'weights_gb': 'ladder',
+    # memory
+    'free_memory': 'memory',
+    'gpu_memory_held_by_others': 'memory',
+    'live_pipelines': 'memory',
+    'release': 'memory',
+    # models
+    'check_model': 'models',
+    'download': 'models',
+    'load_pipeline': 'models',
+    'low_precision_dtype': 'models',
+    'native_size': 'models',
+    'resolve_model': 'models',
+    # params
+    'Params': 'params',
+    # probe
+    'attention_kernels': 'probe',
+    # recording
+    'baseline_image': 'recording',
+    'comparable_record': 'recording',
+    'record_step': 'recording',
+    # results
+    'append_record': 'results',
+    'latest_records': 'results',
+    'load_records': 'results',
+    'make_record': 'results',
+    # steps
+    'STEPS': 'steps',
+    'StepUnavailable': 'steps',
+    'get_step': 'steps',
+    # timing
+    'Measurement': 'timing',
+    'benchmark': 'timing',
+    # widgets
+    'flags_panel': 'widgets',
+    'playground': 'widgets',
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:
+            value = importlib.import_module(f".{name}", __name__)  # a module of the package: helpers.ladder
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'helpers' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = list(_EXPORTS)

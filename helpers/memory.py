@@ -15,7 +15,6 @@ import os
 from typing import NamedTuple
 
 import torch
-from diffusers import DiffusionPipeline
 
 from .errors import GpuMemoryBusy
 from .machine import nvidia_smi
@@ -42,6 +41,8 @@ def free_memory():
 def live_pipelines():
     """The diffusers pipelines still alive in this process (after a collection) that hold memory: not those on the
     meta device, such as the one `helpers.flops` keeps for counting FLOPs, which are shapes without data."""
+    from diffusers import DiffusionPipeline
+
     gc.collect()
     # `type`, not `isinstance`: isinstance reads `__class__`, which raises on a dead `weakref.proxy` (notebook 01
     # holds one after loading a model from a folder); `type` reads nothing from the object.

@@ -16,11 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.utils import logging as diffusers_logging
-from safetensors import safe_open
 
-from . import offline
 from .errors import ModelUnavailable
 from .machine import nvidia_smi_gpu
 from .memory import check_gpu_memory
@@ -148,6 +144,8 @@ def load_pipeline(model="auto", dtype=torch.float32, device=None, verbose=True):
     On a GPU it first checks that other processes leave the pipeline room (else GpuMemoryBusy); in float16, or on a
     GPU without bfloat16, its VAE is set up as `float16_vae` says.
     """
+    from . import offline
+
     model = check_model(resolve_model(model, verbose=verbose))
     device = torch.device(device or default_device())
     if device.type == "cuda":
@@ -197,6 +195,8 @@ def _cast_latents_to_vae(vae):
 
 def fp16_safe_vae(dtype):
     """madebyollin/sdxl-vae-fp16-fix in `dtype`, marked so that the pipeline never upcasts it."""
+    from diffusers import AutoencoderKL
+
     try:
         vae = AutoencoderKL.from_pretrained(FP16_SAFE_VAE, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as error:
@@ -217,6 +217,8 @@ def pipeline_bytes(model, dtype):
 
 def parameter_count(model):
     """The parameters of `model`'s pipeline without loading it: SDXL's for a hub id, counted in a folder's files."""
+    from safetensors import safe_open
+
     if model == "tiny":
         return _tiny_parameters()
     folder = Path(model).expanduser()
@@ -231,6 +233,8 @@ def parameter_count(model):
 
 @functools.cache
 def _tiny_parameters():
+    from . import offline
+
     tiny = offline.tiny_pipeline()
     return sum(p.numel() for name in PIPELINE_MODELS for p in getattr(tiny, name).parameters())
 
@@ -256,6 +260,8 @@ def download(model, verbose=True):
 
 
 def _download_preferring_fp16(model, verbose):
+    from diffusers import DiffusionPipeline
+
     try:
         return DiffusionPipeline.download(model, variant="fp16", use_safetensors=True)
     except ValueError as error:  # diffusers refuses a variant that the repository doesn't have
@@ -299,6 +305,8 @@ def _quiet_diffusers():
     They are its advice to cast through from_pretrained, which models built in code can't follow, and its
     multi-line notice that the hub is out of reach.
     """
+    from diffusers.utils import logging as diffusers_logging
+
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
@@ -308,6 +316,8 @@ def _quiet_diffusers():
 
 
 def _from_pretrained(model, dtype, vae=None, verbose=True):
+    from diffusers import StableDiffusionXLPipeline
+
     folder = download(model, verbose=verbose)
     components = {"vae": vae} if vae is not None else {}  # vae=None would load the pipeline without a VAE
     try:

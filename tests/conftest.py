@@ -16,6 +16,18 @@ FAKE_HF_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0000"
 SERIES_ARGS = ["--steps", "2", "--height", "96", "--width", "96", "--warmup", "1", "--runs", "3"]
 
 
+# Fixtures that take over 15 s here: the series, a compile-cache file made by a compile, a two-process job.
+SLOW_FIXTURES = {"series", "cache_file", "job"}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that executes notebooks, drives the browser or needs a slow fixture is slow too."""
+    for item in items:
+        if (item.get_closest_marker("notebooks") or item.get_closest_marker("browser")
+                or SLOW_FIXTURES & set(item.fixturenames)):
+            item.add_marker(pytest.mark.slow)
+
+
 def notebook_cells(notebook, tag):
     """The source of the code cells of `notebook` tagged `tag`, in order."""
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)

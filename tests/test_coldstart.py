@@ -78,6 +78,7 @@ def test_the_file_holds_a_manifest_the_artifacts_and_the_kernels(cache_file):
     assert compile_cache.check_compile_cache(cache_file, small(), steps="04") == manifest
 
 
+@pytest.mark.slow
 def test_a_matching_file_is_used_and_the_first_call_is_warm(cache_file, tmp_path):
     warm, printed = fresh_process(tmp_path, "use", str(cache_file))
     assert warm["first_call"] == "warm" and warm["warm_from"] == "room.zip", warm
@@ -267,6 +268,7 @@ def test_the_runner_refuses_a_file_before_any_notebook_in_one_line(cache_file, t
     assert not (tmp_path / "run" / "notebooks").exists()
 
 
+@pytest.mark.slow
 def test_warm_refuses_steps_that_compile_nothing(tmp_path):
     done = run_helpers("warm", "--model", "tiny", "--only", "01-03", "--out", str(tmp_path / "c.zip"))
     assert done.returncode == 2 and "names no compiled step: choose among 04-07" in done.stderr

@@ -187,6 +187,7 @@ def check_records_point_at_their_own_files(out):
             assert images[record["baseline_image"]]["params"]["seed"] == record["params"]["seed"]
 
 
+@pytest.mark.slow
 def test_runs_sharing_a_folder_one_after_the_other_or_at_once_score_as_each_would_alone(tmp_path, started,
                                                                                         monkeypatch):
     """Seed 1 runs 01 and 02 alone in `one_after_the_other`; then seed 0 runs 01 there, and seed 1 runs 02 again: its
@@ -430,6 +431,7 @@ def is_alive(pid):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name, how, code", [("SIGINT", "Ctrl-C", 130), ("SIGTERM", "SIGTERM", 143)])
 def test_an_interrupted_run_says_one_line_and_leaves_nothing(busy_runs, signal_name, how, code):
     process, out, run_folder = busy_runs[signal_name]
@@ -449,6 +451,7 @@ def test_an_interrupted_run_says_one_line_and_leaves_nothing(busy_runs, signal_n
     assert not is_alive(kernel)
 
 
+@pytest.mark.slow
 def test_what_a_killed_run_leaves_the_next_run_removes(busy_runs, tmp_path, monkeypatch):
     process, out, run_folder = busy_runs["kill"]
     kernel = kernel_started(out, process)

@@ -71,6 +71,7 @@ def job(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_two_processes_make_every_prompt_exactly_once(job):
     out, proc = job
     records = json.loads((out / "results.json").read_text())
@@ -106,6 +107,7 @@ def test_each_process_keeps_its_records_as_it_makes_them(job):
         r["image"] for records in parts.values() for r in records)
 
 
+@pytest.mark.slow
 def test_a_failing_process_is_named_and_the_job_fails(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:4] + ["BOOM goes rank 1"] + PROMPTS[4:5]) + "\n")
@@ -121,6 +123,7 @@ def test_a_failing_process_is_named_and_the_job_fails(tmp_path):
     assert len(summary["failures"]) == 1 and summary["failures"][0].startswith("rank 1 on ")
 
 
+@pytest.mark.slow
 def test_a_process_that_fails_to_load_is_named_and_none_generates(tmp_path):
     prompts = tmp_path / "prompts.txt"
     # Rank 1's share starts with the failing prompt: its warm-up, the end of its loading, raises.
@@ -136,6 +139,7 @@ def test_a_process_that_fails_to_load_is_named_and_none_generates(tmp_path):
     assert [rank["images"] for rank in summary["ranks"]] == [0, 0] and len(summary["failures"]) == 1
 
 
+@pytest.mark.slow
 def test_a_killed_process_costs_only_its_unfinished_images(tmp_path, script, capsys):
     out, args = tmp_path / "many", ["--prompt", "a red fox", "--copies", "10"]
     running = launch("torchrun", args, out, wait=False)

@@ -5,11 +5,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
 
 import helpers.machine as machine
 import helpers.memory as memory
 import helpers.models as models
+import helpers.offline as offline
 from helpers import Params, generate, load_pipeline
 from helpers.errors import GpuMemoryBusy, ModelUnavailable
 from helpers.memory import gpu_memory_held_by_others
@@ -152,7 +153,7 @@ def test_parameter_counts_match_the_models():
     def parameters(pipe):
         return sum(p.numel() for name in models.PIPELINE_MODELS for p in getattr(pipe, name).parameters())
 
-    assert models.parameter_count("sdxl-random") == parameters(models.offline.sdxl_random_pipeline(device="meta"))
+    assert models.parameter_count("sdxl-random") == parameters(offline.sdxl_random_pipeline(device="meta"))
     assert models.parameter_count("stabilityai/stable-diffusion-xl-base-1.0") == models.SDXL_PARAMETERS
     assert models.parameter_count("tiny") == parameters(load_pipeline("tiny", verbose=False))
 
@@ -249,7 +250,7 @@ def test_download_asks_for_fp16_files_and_takes_the_default_ones_where_there_are
             )
         return "/cache/someone/sdxl-finetune"
 
-    monkeypatch.setattr(models.DiffusionPipeline, "download", classmethod(fake_download))
+    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(fake_download))
     assert download("someone/sdxl-finetune") == models.Path("/cache/someone/sdxl-finetune")
     assert calls == [{"variant": "fp16", "use_safetensors": True}, {"use_safetensors": True}]
     assert capsys.readouterr().out == "someone/sdxl-finetune has no fp16 files: downloading its default ones.\n"
@@ -304,7 +305,7 @@ def test_a_folder_in_float16_keeps_its_vae_in_fp32(tmp_path, capsys):
 def test_the_real_sdxl_in_float16_gets_the_fp16_safe_vae(tmp_path, monkeypatch, capsys):
     sdxl, fixed = tmp_path / "sdxl", tmp_path / "vae-fp16-fix"
     load_pipeline("tiny", verbose=False).save_pretrained(sdxl)
-    models.offline.tiny_pipeline(seed=1).vae.save_pretrained(fixed)  # stands in for madebyollin's
+    offline.tiny_pipeline(seed=1).vae.save_pretrained(fixed)  # stands in for madebyollin's
     monkeypatch.setattr(models, "SDXL_HUB_ID", str(sdxl))
     monkeypatch.setattr(models, "FP16_SAFE_VAE", str(fixed))
     pipe = load_pipeline(str(sdxl), dtype=torch.float16, device="cpu")
@@ -328,14 +329,14 @@ def test_an_unreachable_fp16_safe_vae_is_one_sentence(offline_hub):
 
 def test_sdxl_random_is_built_in_the_dtype_it_runs_in_and_the_load_check_counts_that(monkeypatch):
     built = []
-    build = models.offline.sdxl_random_pipeline
+    build = offline.sdxl_random_pipeline
 
     def on_meta(device="cpu", seed=0, dtype=torch.float32):  # shapes and dtypes without 7 GB of memory
         pipe = build(device="meta", seed=seed, dtype=dtype)
         built.append(pipe)
         return pipe
 
-    monkeypatch.setattr(models.offline, "sdxl_random_pipeline", on_meta)
+    monkeypatch.setattr(offline, "sdxl_random_pipeline", on_meta)
     load_pipeline("sdxl-random", dtype=torch.bfloat16, device="meta", verbose=False)
     (pipe,) = built
     weights = [p for name in models.PIPELINE_MODELS for p in getattr(pipe, name).parameters()]

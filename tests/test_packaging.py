@@ -1,6 +1,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -47,6 +48,7 @@ def test_code_is_linted():
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.slow
 def test_importing_helpers_is_quiet_but_only_about_known_warnings():
     import subprocess
     import sys

@@ -115,6 +115,7 @@ def test_results_stay_readable_by_others(tmp_path):
     assert stat.S_IMODE((tmp_path / RESULTS_FILE).stat().st_mode) == 0o644
 
 
+@pytest.mark.slow
 def test_a_record_is_made_after_the_new_tf32_api_set_the_flags():
     # In a process of its own: once the new API has set a flag, torch raises when the old one reads it.
     code = (

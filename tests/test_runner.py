@@ -50,6 +50,7 @@ def stand_in_notebooks(folder, cells_by_name):
         nbformat.write(nb, folder / name)
 
 
+@pytest.mark.slow
 def test_out_of_memory_and_unavailable_steps_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -141,6 +142,7 @@ def test_once_stopped_the_dying_kernels_noise_is_dropped_and_nothing_else():
     assert seen == ["Kernel died while waiting for execute reply.", "Executing cell 3"]
 
 
+@pytest.mark.slow
 def test_a_notebook_cut_off_by_sigterm_leaves_a_record_that_says_where(tmp_path):
     """As when `timeout` ends a run that took too long: the step that was running is recorded as stopped, with the
     cell it was in and the seconds it ran, not left out."""

@@ -19,6 +19,7 @@ from helpers.steps import select_steps
 CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
+@pytest.mark.slow
 def test_profile_final_step_on_the_tiny_model(tmp_path):
     out, cache = tmp_path / "profile", tmp_path / "inductor"
     proc = subprocess.run(

@@ -79,6 +79,7 @@ def test_notebooks_batch_call_is_generate_batch(tiny):
     assert not np.array_equal(np.asarray(inline[0]), np.asarray(inline[1]))  # a seed per image
 
 
+@pytest.mark.slow
 def test_measure_batch_counts_the_graphs_each_batch_size_compiles(tiny):
     pipe, params = tiny
     original = pipe.vae.decode

@@ -193,6 +193,7 @@ def test_a_released_panel_without_a_step_says_what_to_do(pipe, params):
 
 # Regional only: a whole-UNet compile takes minutes on a CPU. The notebook series frees whole-compiled pipelines
 # (notebooks 04 to 06) and checks their release lines (tests/test_notebooks.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_kind", ["regional"])
 def test_a_compiled_pipeline_is_gone_once_the_next_one_is_built(params, compile_kind):
     from diffusers.models.attention import BasicTransformerBlock
