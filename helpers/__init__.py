@@ -14,11 +14,11 @@ _EXPORTS = {
     # chart
     'chart_from_dir': 'chart',
     'draw_chart': 'chart',
-    # coldstart
-    'CompileCacheMismatch': 'coldstart',
-    'first_call_state': 'coldstart',
+    # coldstart, compile_cache
+    'CompileCacheMismatch': 'compile_cache',
+    'first_call_state': 'compile_cache',
     'time_start': 'coldstart',
-    'use_compile_cache': 'coldstart',
+    'use_compile_cache': 'compile_cache',
     # errors
     'GpuMemoryBusy': 'errors',
     'ModelUnavailable': 'errors',

@@ -125,7 +125,7 @@ def _command(args):
         print(f"Chart: {chart_from_dir(args.out)}")
         return 0
     if args.command == "warm":
-        from .coldstart import warm
+        from .compile_cache import warm
 
         names = {f.name for f in fields(Params)} & vars(args).keys() - {"out_dir"}
         warm(Params(**{name: getattr(args, name) for name in names}), args.out, only=args.only,

@@ -20,16 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .compile_cache import (  # noqa: F401  (the runner, the package and notebook 08 import these from here)
-    MUST_MATCH,
-    CompileCacheMismatch,
-    check_compile_cache,
-    first_call_state,
-    save_compile_cache,
-    use_compile_cache,
-    warm,
-)
+from .compile_cache import MUST_MATCH, check_compile_cache, first_call_state, save_compile_cache, use_compile_cache  # noqa: F401  (notebook 08 reads them from here)
 from .machine import device_name, package_versions
+from .regions import DEFAULT_REGIONS
 
 WAYS = ("cold", "disk", "file", "package")
 LAUNCHED_ENV = "SDXL_FAST_LAUNCHED"  # when time_start started the child, as time.time()
@@ -108,13 +101,15 @@ def folder_bytes(folder):
 
 
 def time_start(way, params, workdir, compile="full", compile_mode=None, cache_dir=None, compile_cache=None,
-               save_compile_cache_to=None, package=None):
-    """Start the step-04 pipeline one `way` in a fresh Python process and return what it measured.
+               save_compile_cache_to=None, package=None, step="04", regions=None):
+    """Start a step's pipeline (04's unless `step` says) one `way` in a fresh Python process and return what it
+    measured.
 
     cold: an empty Inductor cache folder, and no Triton cache folder inherited from this process; disk: `cache_dir`,
     the folder an earlier start filled; file: an empty folder plus the artifacts of `compile_cache`; package: the UNet
     from the AOTInductor `package` (no compiler; the VAE runs eagerly). `compile` is "full" or "regional" ("aot" for
-    the package). The child's output goes to a log in `workdir`.
+    the package); a regional compile compiles the `regions` choice of `regions.REGIONS` (the course's default where
+    None). The child's output, and its last image, go to `workdir`.
     """
     if way not in WAYS:
         raise ValueError(f"way must be one of {', '.join(WAYS)}, got {way!r}.")
@@ -122,13 +117,15 @@ def time_start(way, params, workdir, compile="full", compile_mode=None, cache_di
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mode = compile_mode or params.compile_mode
-    name = f"{way}-{compile}-{mode}"
+    regions = (regions or DEFAULT_REGIONS) if compile == "regional" else None
+    name = f"{way}-{compile}-{mode}-{step}" + (f"-{regions}" if regions else "")
     cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix=f"inductor-{name}-", dir=workdir))
     spec = {
         "way": way, "compile": compile, "params": {**params.to_dict(), "compile_mode": mode,
                                                    "compile_cache": str(compile_cache) if compile_cache else None},
         "save_compile_cache_to": str(save_compile_cache_to) if save_compile_cache_to else None,
-        "package": str(package) if package else None,
+        "package": str(package) if package else None, "step": step, "regions": regions,
+        "image": str(workdir / f"{name}.png"),
     }
     spec_file, result_file, log = (workdir / f"{name}{suffix}" for suffix in (".spec.json", ".result.json", ".log"))
     spec_file.write_text(json.dumps(spec))
@@ -161,15 +158,18 @@ def main(argv):
 
 def _start(spec, launched):
     """Start as `spec` says; the times are from `launched` (the moment the process was started), as a user waits."""
+    from torch._dynamo.utils import counters
+
     from .images import generate
     from .ladder import build_pipeline, compile_pipeline, compile_regions
     from .params import Params
+    from .regions import recompile_limit_hits
     from .steps import get_step
     from .timing import benchmark
 
     imported = time.time() - launched  # Python, torch, diffusers and the helpers
     params = Params(**spec["params"])
-    settings = dataclasses.replace(get_step("04").settings, compile="off")
+    settings = dataclasses.replace(get_step(spec["step"]).settings, compile="off")
     pipe = build_pipeline(params.model, settings, verbose=False)
     pipe.set_progress_bar_config(disable=True)
     loaded = time.time() - launched
@@ -182,13 +182,27 @@ def _start(spec, launched):
     else:
         if spec["way"] == "file":
             use_compile_cache(pipe, params, "04")
-        (compile_regions if spec["compile"] == "regional" else compile_pipeline)(pipe, mode=params.compile_mode)
+        if spec["compile"] == "regional":
+            compile_regions(pipe, mode=params.compile_mode, regions=spec["regions"])
+        else:
+            compile_pipeline(pipe, mode=params.compile_mode)
     prepared = time.time() - launched
-    measurement = benchmark(lambda: generate(pipe, params), warmup=params.warmup, runs=params.runs, progress=False)
+    graphs = []  # graphs Dynamo compiled in each call: the first call's are its regions (and the VAE decoder)
+
+    def call():
+        before = counters["stats"]["unique_graphs"]
+        image = generate(pipe, params)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        return image
+
+    measurement = benchmark(call, warmup=params.warmup, runs=params.runs, progress=False)
+    measurement.output.save(spec["image"])
     if spec["save_compile_cache_to"]:
         save_compile_cache(spec["save_compile_cache_to"], params, pipe, ["04"])
     return {
         "way": spec["way"], "compile": spec["compile"], "compile_mode": params.compile_mode, "device": device_name(),
+        "step": spec["step"], "regions": spec["regions"], "image": spec["image"], "graphs": graphs[0],
+        "graphs_later": sum(graphs[1:]), "recompile_limit_hits": recompile_limit_hits(),
         "import_s": imported, "load_s": loaded - imported, "prepare_s": prepared - loaded,
         "first_call_s": measurement.first_call_s,
         "to_first_image_s": prepared + measurement.first_call_s,  # since Python started
@@ -255,18 +269,18 @@ def describe_start(result):
     """'cold, full compile, max-autotune: 61.2 s to the first image (...), then 0.084 s per image (...)'."""
     phases = ", ".join(f"{label} {result[key]:.1f} s" for key, label in PHASES)
     cache = result["fx_graph_cache"]
-    return (f"{WAY_NAMES[result['way']]}, {_how(result)}, {result['compile_mode']}: "
-            f"{result['to_first_image_s']:.1f} s to the first image ({phases}), then {_steady(result)}; "
+    return (f"{WAY_NAMES[result['way']]}, {compile_description(result)}, {result['compile_mode']}: "
+            f"{result['to_first_image_s']:.1f} s to the first image ({phases}), then {steady_sentence(result)}; "
             f"FX graphs from a cache {cache['hits']}, compiled {cache['misses']}")
 
 
-def _steady(result):
+def steady_sentence(result):
     """'0.084 s per image (IQR 0.002 s)', and why it can't be compared where it can't."""
     caveat = f", {result['steady_caveat']}" if result.get("steady_caveat") else ""
     return f"{result['median_s']:.3f} s per image (IQR {result['iqr_s']:.3f} s{caveat})"
 
 
-def _how(result):
+def compile_description(result):
     return "the UNet compiled ahead of time" if result["compile"] == "aot" else f"{result['compile']} compile"
 
 
@@ -282,49 +296,3 @@ def summary_line(records):
     shown = {r["way"]: r for r in records if r["compile"] in ("full", "aot") and r["compile_mode"] == mode}
     parts = [f"{WAY_NAMES[way]} {shown[way]['to_first_image_s']:.1f} s" for way in WAYS if way in shown]
     return f"time to the first image ({mode}): {', '.join(parts)}"
-
-
-def draw_compile_modes(records, path=None):
-    """Each compile mode's first call (compile and run) beside its steady seconds per image, in two panels."""
-    from matplotlib.figure import Figure
-
-    modes = [r["compile_mode"] for r in records]
-    figure = Figure(figsize=(10, 0.6 * len(records) + 1.6), layout="constrained")
-    first, steady = figure.subplots(1, 2, sharey=True)
-    for axis, key, title in ((first, "first_call_s", "first call: compile + one image (s)"),
-                             (steady, "median_s", "steady: seconds per image (median, IQR)")):
-        values = [r[key] for r in records]
-        errors = [r["iqr_s"] / 2 for r in records] if key == "median_s" else None
-        bars = axis.barh(modes, values, xerr=errors, color="#4c72b0" if key == "median_s" else "#dd8452")
-        axis.bar_label(bars, labels=[f"{v:.3f}" if key == "median_s" else f"{v:.1f}" for v in values], padding=3)
-        axis.set_title(title)
-        axis.margins(x=0.25)
-    first.invert_yaxis()
-    figure.suptitle(f"Compile modes on {records[0]['device']}, {records[0]['params']['model']}")
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
-
-
-def draw_starts(records, path=None):
-    """Each way of starting as one stacked bar: import, load, load cache or package, first call."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 0.7 * len(records) + 2), layout="constrained")
-    axis = figure.subplots()
-    labels = [f"{WAY_NAMES[r['way']]}\n({_how(r)})" for r in records]
-    left = [0.0] * len(records)
-    for key, label in PHASES:
-        values = [r[key] for r in records]
-        axis.barh(labels, values, left=left, label=label)
-        left = [a + b for a, b in zip(left, values)]
-    for y, r in enumerate(records):
-        axis.text(left[y], y, f" {r['to_first_image_s']:.1f} s\n then {_steady(r)}", va="center", fontsize=8)
-    axis.invert_yaxis()
-    axis.margins(x=0.45)
-    axis.set_xlabel("seconds from a new Python process to its first image")
-    figure.legend(loc="outside lower center", ncol=len(PHASES))
-    axis.set_title(f"Starting the step-04 pipeline on {records[0]['device']}, {records[0]['params']['model']}")
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .coldstart import first_call_state
+from .compile_cache import first_call_state
 from .flops import efficiency, image_flops, peak_tflops
 from .images import describe_quality, image_size, quality, save_image
 from .ladder import matmul_autotuning

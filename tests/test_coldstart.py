@@ -342,12 +342,17 @@ def test_the_cold_start_appendix_measures_every_start(series):
     assert by_way["file"]["first_call"] == "warm" and by_way["file"]["warm_from"] == "compile-cache.zip"
     assert by_way["package"]["first_call"] == "not compiled" and by_way["package"]["compile"] == "aot"
     assert by_way["package"]["steady_caveat"] == coldstart.PACKAGE_STEADY_CAVEAT and not by_way["file"]["steady_caveat"]
-    (regional,) = [r for r in records if r["compile"] == "regional"]
-    assert regional["first_call"] == "cold"
+    # Part 3: each choice of regions started cold, compiling what it names and nothing more after its first call.
+    regional = {r["regions"]: r for r in records if r["compile"] == "regional"}
+    assert list(regional) == list(helpers.REGIONS)
+    for record in regional.values():
+        assert record["first_call"] == "cold" and record["step"] == "04"
+        assert record["graphs"] > 0 and record["graphs_later"] == 0 and record["recompile_limit_hits"] == 0
+    assert regional["attention+resnets"]["graphs"] > regional["blocks"]["graphs"]  # more classes, more shapes
     for record in records:
         assert record["device"] and record["versions"]["torch"] and record["notebook"].startswith("notebooks/08")
     folder = out / coldstart.COLD_START_DIR
-    for chart in ("compile_modes.png", "starts.png"):
+    for chart in ("compile_modes.png", "starts.png", "regions.png"):
         assert Image.open(folder / chart).size[0] > 600
     assert compile_cache.read_manifest(folder / "compile-cache.zip")["steps"] == ["04"]
     assert "== 08 cold start (08_cold_start.ipynb)" in log and "time to the first image (max-autotune): cold" in log
