@@ -10,6 +10,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+from .compile_cache import WARMED_STEPS
 from .errors import ModelUnavailable
 from .files import OutputError, write_atomically
 from .kernels import interrupt_name_and_code
@@ -62,7 +63,7 @@ def parse_args(argv):
     warm.add_argument("--out", required=True, help="the file to write, e.g. compile-cache.zip")
     add_params_options(warm, leave_out=("out_dir", "compile_cache", "prompt", "negative_prompt", "steps", "seed",
                                         "warmup", "runs"))
-    warm.add_argument("--only", default="04-07", help="the compiled steps to warm (default: 04-07)")
+    warm.add_argument("--only", default=WARMED_STEPS, help=f"the compiled steps to warm (default: {WARMED_STEPS})")
     warm.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     chart = commands.add_parser("chart", help="redraw DIR/latency_per_step.png from DIR/results.json")

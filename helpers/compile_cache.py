@@ -38,6 +38,7 @@ FIELDS = {"format": int, "device": str, "torch": str, "triton": (str, None), "py
           "torchao": (str, None), "dtype": str, "compile_mode": str, "height": int, "width": int, "unet_batch": int,
           "architecture": (str, None), "model": str, "steps": [str], "artifacts": {str: int}, "cpp_kernels": int,
           "made": str, "sha256": {str: str}}
+WARMED_STEPS = "04-07"  # what `python -m helpers warm` compiles unless --only says otherwise
 COMPILED_STEPS = tuple(step.id for step in STEPS if step.settings.compile != "off")
 WARM_COMMAND = "python -m helpers warm --out FILE"
 
@@ -274,7 +275,7 @@ def first_call_state():
     return {"first_call": state, "warm_from": source, "fx_graph_cache": {"hits": hits, "misses": misses}}
 
 
-def warm(params, out, only="04-07", progress=True):
+def warm(params, out, only=WARMED_STEPS, progress=True):
     """`python -m helpers warm`: compile each compiled step of `only` once and save their artifacts to `out`."""
     from .models import check_model, download, resolve_model
 

@@ -11,6 +11,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .models import load_pipeline, low_precision_dtype
+from .params import DEFAULT_COMPILE_MODE
 from .regions import DEFAULT_REGIONS, REGIONS, allow_a_version_per_shape, compile_options, compiled_blocks
 from .steps import StepUnavailable, get_step
 
@@ -73,7 +74,7 @@ def _ready_to_compile(pipe):
     return True
 
 
-def compile_pipeline(pipe, mode="max-autotune"):
+def compile_pipeline(pipe, mode=DEFAULT_COMPILE_MODE):
     """Step 04: channels_last memory layout, then the UNet and the VAE decoder compiled whole."""
     if not _ready_to_compile(pipe):
         return
@@ -179,7 +180,7 @@ def quantize_int8(pipe):
               filter_fn=int8_filter(pipe.unet))
 
 
-def compile_regions(pipe, mode="max-autotune", dynamic=False, regions=DEFAULT_REGIONS):
+def compile_regions(pipe, mode=DEFAULT_COMPILE_MODE, dynamic=False, regions=DEFAULT_REGIONS):
     """Step 07: compile each repeated region once per shape and reuse the code, not the whole UNet.
 
     `regions` names a choice of `REGIONS`: diffusers' transformer blocks by default. `dynamic=False` keeps the shapes
@@ -200,7 +201,7 @@ def compile_regions(pipe, mode="max-autotune", dynamic=False, regions=DEFAULT_RE
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=dynamic)
 
 
-def build_pipeline(model, settings, compile_mode="max-autotune", device=None, verbose=True):
+def build_pipeline(model, settings, compile_mode=DEFAULT_COMPILE_MODE, device=None, verbose=True):
     """The one builder: a pipeline with exactly `settings` (a Settings row), each in the ladder's order.
 
     Compilation comes last: it must see the final modules.
@@ -222,7 +223,7 @@ def build_pipeline(model, settings, compile_mode="max-autotune", device=None, ve
     return pipe
 
 
-def build(model="auto", through="03", compile=True, compile_mode="max-autotune", device=None, verbose=True):
+def build(model="auto", through="03", compile=True, compile_mode=DEFAULT_COMPILE_MODE, device=None, verbose=True):
     """The pipeline of step `through`; `compile=False` leaves out its compilation.
 
     Notebooks 05 to 07 ask for the step before theirs uncompiled, make their change, and compile last.

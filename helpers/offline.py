@@ -176,7 +176,7 @@ def _text_config(tokenizer, **sizes):
     )
 
 
-def build_pipeline(unet, vae, text_encoder, text_encoder_2, device="cpu"):
+def assemble_pipeline(unet, vae, text_encoder, text_encoder_2, device="cpu"):
     """Assemble a StableDiffusionXLPipeline from configs, its models initialised on `device`."""
     tokenizer, tokenizer_2 = tokenizers()
     with torch.device(device):
@@ -194,7 +194,7 @@ def tiny_pipeline(seed=0):
     """A 1.7 M-parameter SDXL-shaped pipeline with weights fixed by `seed`, built on the CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = build_pipeline(TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, TINY_TEXT_ENCODER_2)
+        pipe = assemble_pipeline(TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, TINY_TEXT_ENCODER_2)
     return pipe
 
 
@@ -214,6 +214,6 @@ def sdxl_random_pipeline(device="cpu", seed=0, dtype=torch.float32):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)  # what the modules create their parameters in
         try:
-            return build_pipeline(SDXL_UNET, SDXL_VAE, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, device=device)
+            return assemble_pipeline(SDXL_UNET, SDXL_VAE, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, device=device)
         finally:
             torch.set_default_dtype(default_dtype)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_COMPILE_MODE = "max-autotune"  # the course's mode: every compiling function and parameter defaults to it
 MAX_SIDE = 4096
 MAX_SEED = 2**64 - 1  # torch's generators take a 64-bit seed
 
@@ -30,7 +31,7 @@ class Params:
     warmup: int = _option(1, "untimed calls after the first one")
     runs: int = _option(5, "timed calls")
     out_dir: str = _option("../outputs", "folder for images and results.json")
-    compile_mode: str = _option("max-autotune", "torch.compile mode of the compiled steps")
+    compile_mode: str = _option(DEFAULT_COMPILE_MODE, "torch.compile mode of the compiled steps")
     compile_cache: str | None = _option(
         None, "a file made by `python -m helpers warm`: its compile artifacts are loaded before the first compile"
     )

@@ -19,10 +19,10 @@ from .memory import free_memory
 from .models import ACTIVATION_BYTES
 from .regions import call_with_cudagraph_fallback, last_cudagraph_fallback, recompile_limit_hits
 from .results import append_record, make_record
-from .timing import benchmark
+from .timing import benchmark, noisy_sentence
 
 THROUGHPUT_DIR = "throughput"  # inside OUT_DIR: its own results.json, so the ladder's chart never reads these
-CHART_FILE = "latency_vs_throughput.png"
+THROUGHPUT_CHART_FILE = "latency_vs_throughput.png"
 
 
 def generators(seeds):
@@ -175,8 +175,7 @@ def summary(record):
         f"{record['first_call_s']:.1f} s, {record['graphs_compiled']} graph(s) compiled"
     )
     if record["noisy"]:
-        spread = f"{100 * record['iqr_s'] / record['median_s']:.0f}%"
-        text += f"\nNoisy: the IQR is {spread} of the median; did something else use the machine? Measure again."
+        text += "\n" + noisy_sentence(record["median_s"], record["iqr_s"])
     if record["graphs_compiled_later"]:
         text += (f"\nRecompiled {record['graphs_compiled_later']} graph(s) after the first call: the median holds "
                  "compile time; raise WARMUP, or see the notebook's caveat on torch's recompile limit.")

@@ -82,9 +82,14 @@ class Measurement:
             first = self.first_call_peak_memory_gb
             text += f"; peak GPU memory {self.peak_memory_gb:.2f} GB steady, {first:.2f} GB in the first call"
         if self.noisy:
-            spread = f"{100 * self.iqr_s / self.median_s:.0f}%"
-            text += f"\nNoisy: the IQR is {spread} of the median; did something else use the machine? Measure again."
+            text += "\n" + noisy_sentence(self.median_s, self.iqr_s)
         return text
+
+
+def noisy_sentence(median_s, iqr_s):
+    """What a measurement whose spread is too wide to trust says about itself."""
+    return (f"Noisy: the IQR is {100 * iqr_s / median_s:.0f}% of the median; did something else use the machine? "
+            "Measure again.")
 
 
 def _check_arguments(fn, warmup, runs):

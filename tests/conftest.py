@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.constants  # a submodule: imported here, not left to whichever test imports diffusers first
 import nbformat
 import pytest
 

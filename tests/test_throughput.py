@@ -45,7 +45,7 @@ def test_notebook_records_every_batch_size_and_draws_the_chart(executed):
         assert record["median_s"] > 0 and len(record["samples_s"]) == 2 and record["first_call_s"] > 0
         assert (record["model"], record["height"], record["width"]) == ("tiny", 64, 64)
         assert record["device"] and record["versions"]["torch"] and record["graphs_compiled"] == 0
-    chart = out / throughput.THROUGHPUT_DIR / throughput.CHART_FILE
+    chart = out / throughput.THROUGHPUT_DIR / throughput.THROUGHPUT_CHART_FILE
     assert chart.stat().st_size > 10_000 and Image.open(chart).size[0] > 600
     text = printed(nb)
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
@@ -163,7 +163,7 @@ def test_chart_is_a_plain_figure_saved_atomically(tmp_path):
     records = [{"batch_size": b, "median_s": 0.1 * b ** 0.5, "iqr_s": 0.01, "images_per_s": b / (0.1 * b ** 0.5),
                 "peak_memory_gb": None, "device": "CPU", "model": "tiny", "width": 64, "height": 64,
                 "params": {"steps": 2}, "status": "ok"} for b in (4, 1, 2)]
-    path = tmp_path / throughput.CHART_FILE
+    path = tmp_path / throughput.THROUGHPUT_CHART_FILE
     fig = throughput.draw_latency_throughput(records, path)
     assert isinstance(fig, Figure) and fig.canvas.manager is None  # not registered with pyplot
     labels = [t.get_text() for t in fig.axes[0].texts]
