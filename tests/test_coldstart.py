@@ -14,7 +14,7 @@ from conftest import NOTEBOOKS, ROOT
 from PIL import Image
 
 import helpers
-from helpers import coldstart, compile_cache
+from helpers import coldstart, coldstart_charts, compile_cache
 from helpers.steps import get_step, select_steps
 
 SMALL = dict(model="tiny", height=64, width=64, steps=2, compile_mode="default")
@@ -232,7 +232,7 @@ def test_the_package_starts_steady_time_is_labelled_not_comparable(tmp_path):
     assert "0.500 s per image (IQR 0.010 s, not comparable: no CUDA graphs, eager VAE)" in coldstart.describe_start(
         package)
     assert "not comparable" not in coldstart.describe_start(disk)
-    figure = coldstart.draw_starts([disk, package])
+    figure = coldstart_charts.draw_starts([disk, package])
     texts = [text.get_text() for text in figure.axes[0].texts]
     assert "not comparable" in texts[1] and "not comparable" not in texts[0]
 
