@@ -11,6 +11,9 @@ import importlib
 from . import quiet  # noqa: F401  (first, and at once: its filters must be in place before diffusers is imported)
 
 _EXPORTS = {
+    # regions
+    'REGIONS': 'regions',
+    'DEFAULT_REGIONS': 'regions',
     # chart
     'chart_from_dir': 'chart',
     'draw_chart': 'chart',
