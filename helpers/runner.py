@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import is_out_of_memory, out_of_memory_advice
 from .files import (
     WRITE_ERRNOS,
     OutputError,
@@ -40,19 +41,6 @@ from .results import EXECUTED_NOTEBOOK_ENV, append_record, load_records, make_re
 from .steps import STEP_IDS, select_steps
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-OUT_OF_MEMORY_ERRORS = ("OutOfMemoryError", "OutOfMemory", "MemoryError")
-# How a RuntimeError (or Inductor's wrapping of one) says that an allocation failed, on a GPU or in CPU memory.
-OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
-OOM_ADVICE = (
-    "out of GPU memory: use a smaller --height/--width, free other GPU work, or use a GPU with more memory "
-    "(SDXL's fp32 weights alone are 14 GB)"
-)
-CPU_OOM_ADVICE = (
-    "out of memory: use a smaller --height/--width, close other programs, or use a machine with more memory "
-    "(SDXL's fp32 weights alone are 14 GB)"
-)
-
-
 class RunFailed(RuntimeError):
     """A notebook failed; the message names the notebook, the cell and the error."""
 
@@ -63,19 +51,6 @@ class RunStopped(Exception):
     def __init__(self, message, exit_code):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def is_out_of_memory(error_name, message):
-    """True for an out-of-memory error, on a GPU or in CPU memory, also when Inductor wraps one raised while it
-    compiled or autotuned."""
-    if error_name in OUT_OF_MEMORY_ERRORS:
-        return True
-    return error_name in ("RuntimeError", "InductorError") and any(w in message.lower() for w in OUT_OF_MEMORY_WORDS)
-
-
-def _out_of_memory_advice(error_name, message):
-    on_gpu = error_name == "OutOfMemoryError" or "cuda" in message.lower()
-    return OOM_ADVICE if on_gpu else CPU_OOM_ADVICE
 
 
 def check_out_dir(out_dir):
@@ -318,7 +293,7 @@ def _tidy(executed, step, out_dir):
 def _recorded_failure(run, step, error, notebook):
     """Record an out-of-memory or unavailable step and return its status; raise for any other failure."""
     if is_out_of_memory(error.ename, error.evalue):
-        advice = _out_of_memory_advice(error.ename, error.evalue)
+        advice = out_of_memory_advice(error.ename, error.evalue)
         print(f"{step.id}: {advice}; going on with the next notebook.")
         if step.charted:
             append_record(run.out_dir, _failure_record(run, step, "out_of_memory", advice, notebook))
