@@ -22,7 +22,7 @@ import torch
 
 from .compile_cache import MUST_MATCH, check_compile_cache, first_call_state, save_compile_cache, use_compile_cache  # noqa: F401  (notebook 08 reads them from here)
 from .machine import device_name, package_versions
-from .regions import DEFAULT_REGIONS
+from .regions import DEFAULT_REGIONS, REGIONS
 
 WAYS = ("cold", "disk", "file", "package")
 LAUNCHED_ENV = "SDXL_FAST_LAUNCHED"  # when time_start started the child, as time.time()
@@ -113,6 +113,8 @@ def time_start(way, params, workdir, compile="full", compile_mode=None, cache_di
     """
     if way not in WAYS:
         raise ValueError(f"way must be one of {', '.join(WAYS)}, got {way!r}.")
+    if regions is not None and regions not in REGIONS:
+        raise ValueError(f"regions must be one of {', '.join(REGIONS)}, got {regions!r}.")
     compile = "aot" if way == "package" else compile  # the package's UNet was compiled ahead of time, not here
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -49,14 +49,16 @@ def tiny_folder(tmp_path_factory):
 def series(tmp_path_factory, tiny_folder):
     """The whole course run once headless by the README's main command, on the tiny model loaded from a folder
     by `from_pretrained`: the path users take with SDXL (the model built in memory is `--model tiny`). Appendix 08
-    runs after the seven steps in the course's compile mode only (its other three modes are the same code)."""
+    runs after the seven steps in the course's compile mode only, and with one choice of regions (the other modes and
+    choices are the same code; test_regional checks what each choice compiles)."""
     out = tmp_path_factory.mktemp("series")
     # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
     cache = tmp_path_factory.mktemp("inductor")
     env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", "--inductor-cache", str(cache),
-         "--model", str(tiny_folder), "--only", "01-08", "--set", 'COMPILE_MODES=["max-autotune"]', *SERIES_ARGS],
+         "--model", str(tiny_folder), "--only", "01-08", "--set", 'COMPILE_MODES=["max-autotune"]',
+         "--set", 'REGION_CHOICES=["blocks"]', *SERIES_ARGS],
         capture_output=True, text=True, env=env, cwd=ROOT,
     )
     (out.parent / "runner.log").write_text(proc.stdout + proc.stderr)
