@@ -295,19 +295,20 @@ def test_the_runner_runs_the_appendix_when_named():
 
 @pytest.mark.notebooks
 def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
-    """`python -m helpers warm` on the tiny model, then the runner's notebook 04 with --compile-cache, each in a
-    fresh Inductor cache folder: the record says the first call was warm, from the file."""
+    """`python -m helpers warm` on the tiny model, then the runner's notebook 07 (its regional compile, the cheapest
+    step to warm; without its optional sections, which compile other shapes) with --compile-cache, each in a fresh
+    Inductor cache folder: the record says the first call was warm, from the file."""
     size = ["--model", "tiny", "--height", "64", "--width", "64", "--compile-mode", "default"]
     file = tmp_path / "room.zip"
-    done = run_helpers("warm", *size, "--only", "04", "--out", str(file), "--no-progress",
+    done = run_helpers("warm", *size, "--only", "07", "--out", str(file), "--no-progress",
                        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "instructor")})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "04 torch.compile: compiled in" in done.stdout and f"--compile-cache {file}" in done.stdout
-    done = run_helpers("run", *size, "--steps", "2", "--warmup", "0", "--runs", "1", "--only", "04", "--no-progress",
-                       "--compile-cache", str(file), "--out", str(tmp_path / "run"),
+    assert "07 regional compile: compiled in" in done.stdout and f"--compile-cache {file}" in done.stdout
+    done = run_helpers("run", *size, "--steps", "2", "--warmup", "0", "--runs", "1", "--only", "07", "--no-extras",
+                       "--no-progress", "--compile-cache", str(file), "--out", str(tmp_path / "run"),
                        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "attendee")})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Compile cache: room.zip, steps 04, made on" in done.stdout
+    assert "Compile cache: room.zip, steps 07, made on" in done.stdout
     (record,) = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["compile_cache"]["first_call"] == "warm" and record["compile_cache"]["warm_from"] == "room.zip"
     assert record["compile_cache"]["fx_graph_cache"]["misses"] == 0
