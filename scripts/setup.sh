@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv with everything the course needs; `--test` adds what the tests need (pytest, Playwright, Chromium).
 #   bash scripts/setup.sh [--test]
-# A torch the current python already has (a cloud GPU image's CUDA build, say) is kept: the venv then sees it.
-# With no torch at all and no NVIDIA GPU, the CPU build is installed rather than a multi-GB CUDA one.
+# A torch the current python already has (a cloud GPU image's CUDA build, say) is kept: the venv then sees it, and
+# pip installs the rest (uv would not see that torch). Otherwise uv (installed by pip) installs everything, in seconds
+# where pip takes minutes; with no NVIDIA GPU, torch comes from the configured index or else PyTorch's CPU index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -17,6 +18,13 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! grep -q "include-system-site-packages = true" .venv/pyvenv.cfg; then
+  "${pip[@]}" uv
+  # uv reads no pip configuration: where pip finds local wheels, uv looks too.
+  export UV_FIND_LINKS="${UV_FIND_LINKS:-${PIP_FIND_LINKS:-}}"
+  [ -n "$UV_FIND_LINKS" ] || unset UV_FIND_LINKS
+  pip=(.venv/bin/uv pip install --quiet --python .venv/bin/python)
+fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
     "${pip[@]}" torch
