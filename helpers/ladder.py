@@ -201,8 +201,10 @@ def compile_regions(pipe, mode=DEFAULT_COMPILE_MODE, dynamic=False, regions=DEFA
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=dynamic)
 
 
-def build_pipeline(model, settings, compile_mode=DEFAULT_COMPILE_MODE, device=None, verbose=True):
-    """The one builder: a pipeline with exactly `settings` (a Settings row), each in the ladder's order.
+def build_pipeline(model, settings, compile_mode=DEFAULT_COMPILE_MODE, device=None, verbose=True,
+                   regions=DEFAULT_REGIONS):
+    """The one builder: a pipeline with exactly `settings` (a Settings row), each in the ladder's order; a regional
+    compile compiles the `regions` choice of `REGIONS`.
 
     Compilation comes last: it must see the final modules.
     """
@@ -219,7 +221,7 @@ def build_pipeline(model, settings, compile_mode=DEFAULT_COMPILE_MODE, device=No
     if settings.compile == "full":
         compile_pipeline(pipe, mode=compile_mode)
     elif settings.compile == "regional":
-        compile_regions(pipe, mode=compile_mode)
+        compile_regions(pipe, mode=compile_mode, regions=regions)
     return pipe
 
 

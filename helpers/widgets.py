@@ -25,6 +25,7 @@ from .memory import free_memory
 from .models import low_precision_dtype, native_size
 from .params import COMPILE_MODES
 from .recording import baseline_image
+from .regions import DEFAULT_REGIONS, REGIONS
 from .steps import Settings, StepUnavailable, get_step
 from .timing import benchmark
 
@@ -243,6 +244,8 @@ class FlagsPanel:
         self.compile = widgets.Dropdown(options=COMPILE_CHOICES, value="off", description="compile")
         self.compile_mode = widgets.Dropdown(options=COMPILE_MODES, value=params.compile_mode, description="mode",
                                              disabled=True)
+        self.regions = widgets.Dropdown(options=list(REGIONS), value=DEFAULT_REGIONS, description="regions",
+                                        disabled=True)  # what a regional compile compiles (notebook 08, part 3)
         self.button = widgets.Button(description="Rebuild and time", button_style="primary", icon="refresh")
         self.status = widgets.Label()
         self.message = widgets.HTML()
@@ -261,7 +264,7 @@ class FlagsPanel:
         self.widget = widgets.VBox([
             widgets.HBox([self.dtype, self.sdpa, self.fused_qkv]),
             widgets.HBox([self.int8, self.int8_note]),
-            widgets.HBox([self.compile, self.compile_mode]),
+            widgets.HBox([self.compile, self.compile_mode, self.regions]),
             widgets.HBox([self.button, self.status]),
             self.output,
             self.message,
@@ -283,6 +286,7 @@ class FlagsPanel:
 
     def _compile_changed(self, change):
         self.compile_mode.disabled = change["new"] == "off"
+        self.regions.disabled = change["new"] != "regional"
 
     def _clicked(self, _button):
         with self.output:
@@ -296,6 +300,8 @@ class FlagsPanel:
     def configuration(self, settings):
         dtype = low_precision_dtype(self.device, verbose=False) if settings.low_precision else torch.float32
         text = f"{str(dtype).removeprefix('torch.')}, {settings.sentence()}"
+        if settings.compile == "regional":
+            return f"{text} ({self.compile_mode.value}, regions {self.regions.value})"
         return text + (f" ({self.compile_mode.value})" if settings.compile != "off" else "")
 
     def release_pipeline(self):
@@ -320,7 +326,7 @@ class FlagsPanel:
             configuration = self.configuration(settings)
             self.status.value = f"building: {configuration}"
             self.pipe = build_pipeline(self.params.model, settings, compile_mode=self.compile_mode.value,
-                                       device=self.device)
+                                       device=self.device, regions=self.regions.value)
             measurement = time_images(self.pipe, self.params, self.params.warmup, self.params.runs, self.status)
         except torch.cuda.OutOfMemoryError:
             failure = OUT_OF_MEMORY_MESSAGE

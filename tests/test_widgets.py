@@ -147,11 +147,31 @@ def test_int8_is_disabled_with_a_reason_without_torchao(params, monkeypatch):
     assert panel.int8_note.value.startswith("torchao is missing") and "pip install torchao" in panel.int8_note.value
 
 
-def test_compile_mode_is_offered_only_when_compiling(params):
+def test_compile_mode_is_offered_only_when_compiling_and_regions_only_when_regional(params):
     panel = flags_panel(params)
-    assert panel.compile_mode.disabled
+    assert panel.compile_mode.disabled and panel.regions.disabled
+    assert list(panel.regions.options) == list(helpers.REGIONS) and panel.regions.value == helpers.DEFAULT_REGIONS
     panel.compile.value = "regional"
-    assert not panel.compile_mode.disabled
+    assert not panel.compile_mode.disabled and not panel.regions.disabled
+    panel.compile.value = "full"
+    assert not panel.compile_mode.disabled and panel.regions.disabled
+
+
+def test_the_panels_choice_of_regions_is_what_it_builds_and_names(params, monkeypatch):
+    asked = {}
+
+    def build_pipeline(model, settings, **options):
+        asked.update(options, settings=settings)
+        raise ValueError("not built here")  # the panel shows the sentence; what compile_regions builds is tested apart
+
+    monkeypatch.setattr(helpers.widgets, "build_pipeline", build_pipeline)
+    panel = flags_panel(params)
+    panel.compile.value, panel.compile_mode.value = "regional", "default"
+    panel.regions.value = "attention+resnets"
+    panel.button.click()
+    assert asked["regions"] == "attention+resnets" and asked["settings"].compile == "regional"
+    assert "not built here" in panel.message.value
+    assert panel.configuration(panel.settings()).endswith("(default, regions attention+resnets)")
 
 
 def test_release_frees_the_pipeline_and_the_next_click_builds_the_step_again(params, capsys):
