@@ -23,6 +23,7 @@ import torch
 from .compile_cache import MUST_MATCH, check_compile_cache, first_call_state, save_compile_cache, use_compile_cache  # noqa: F401  (notebook 08 reads them from here)
 from .machine import device_name, package_versions
 from .regions import DEFAULT_REGIONS, REGIONS
+from .timing import measurement_sentence
 
 WAYS = ("cold", "disk", "file", "package")
 LAUNCHED_ENV = "SDXL_FAST_LAUNCHED"  # when time_start started the child, as time.time()
@@ -278,8 +279,7 @@ def describe_start(result):
 
 def steady_sentence(result):
     """'0.084 s per image (IQR 0.002 s)', and why it can't be compared where it can't."""
-    caveat = f", {result['steady_caveat']}" if result.get("steady_caveat") else ""
-    return f"{result['median_s']:.3f} s per image (IQR {result['iqr_s']:.3f} s{caveat})"
+    return measurement_sentence(result["median_s"], result["iqr_s"], per="image", note=result.get("steady_caveat"))
 
 
 def compile_description(result):

@@ -39,6 +39,7 @@ from .models import check_model, download, resolve_model
 from .params import Params, cell_names
 from .results import EXECUTED_NOTEBOOK_ENV, append_record, load_records, make_record
 from .steps import STEP_IDS, select_steps
+from .timing import measurement_sentence
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 class RunFailed(RuntimeError):
@@ -173,8 +174,9 @@ def _print_result(out_dir, notebook, step):
         record = records[-1]
         quality = record.get("quality") or {}
         ssim = f", SSIM {quality['ssim']:.3f} against 01" if quality.get("ssim") is not None else ""
-        print(f"   {record['median_s']:.3f} s median (IQR {record['iqr_s']:.3f} s) on {record['device']}; "
-              f"first call {record['first_call_s']:.1f} s{ssim}", flush=True)
+        line = measurement_sentence(record["median_s"], record["iqr_s"], device=record["device"],
+                                    first_call_s=record["first_call_s"])
+        print(f"   {line}{ssim}", flush=True)
 
 
 def _kernel_failure(step, error, folder, notebook):

@@ -19,7 +19,7 @@ from .memory import free_memory
 from .models import ACTIVATION_BYTES
 from .regions import call_with_cudagraph_fallback, last_cudagraph_fallback, recompile_limit_hits
 from .results import append_record, make_record
-from .timing import benchmark, noisy_sentence
+from .timing import benchmark, measurement_sentence, noisy_sentence
 
 THROUGHPUT_DIR = "throughput"  # inside OUT_DIR: its own results.json, so the ladder's chart never reads these
 THROUGHPUT_CHART_FILE = "latency_vs_throughput.png"
@@ -171,7 +171,7 @@ def summary(record):
     memory = f", peak memory {memory:.2f} GB" if memory is not None else ""
     text = (
         f"batch {record['batch_size']}: {record['images_per_s']:.2f} images/s, {record['s_per_image']:.3f} s per "
-        f"image ({record['median_s']:.3f} s per call, IQR {record['iqr_s']:.3f} s){memory}; first call "
+        f"image, {measurement_sentence(record['median_s'], record['iqr_s'], per='call')}{memory}; first call "
         f"{record['first_call_s']:.1f} s, {record['graphs_compiled']} graph(s) compiled"
     )
     if record["noisy"]:

@@ -27,7 +27,7 @@ from .params import COMPILE_MODES
 from .recording import baseline_image
 from .regions import DEFAULT_REGIONS, REGIONS
 from .steps import Settings, StepUnavailable, get_step
-from .timing import benchmark
+from .timing import benchmark, measurement_sentence
 
 OUT_OF_MEMORY_MESSAGE = "out of GPU memory: try a smaller size or fewer steps"
 COMPILE_CHOICES = (("off", "off"), ("whole UNet + VAE decoder (step 04)", "full"), ("regional (step 07)", "regional"))
@@ -44,10 +44,8 @@ def show_image(image_widget, image):
 
 def latency_sentence(measurement, device):
     """One line: the median with its spread, how many runs, where, and the first call on its own."""
-    text = (
-        f"{measurement.median_s:.3f} s median, IQR {measurement.iqr_s:.3f} s, {len(measurement.samples_s)} runs, "
-        f"on {device}; first call {measurement.first_call_s:.2f} s"
-    )
+    text = measurement_sentence(measurement.median_s, measurement.iqr_s, runs=len(measurement.samples_s),
+                                device=device, first_call_s=measurement.first_call_s)
     if measurement.peak_memory_gb is not None:
         text += f"; peak GPU memory {measurement.peak_memory_gb:.2f} GB"
     return text

@@ -211,7 +211,7 @@ def test_notebook_01_playground_in_a_real_browser(playwright_api, lab):
             steps.fill("1")  # a change from the notebook's 2 steps, to the fewest for the click's four images
             steps.press("Tab")  # an int input sends its value when it loses focus
             generate.click()
-            expect(latency).to_contain_text(re.compile(r"\d+\.\d+ s median, IQR \d+\.\d+ s"),
+            expect(latency).to_contain_text(re.compile(r"\d+\.\d+ s median \(IQR \d+\.\d+ s, \d+ runs\)"),
                                             timeout=GENERATE_TIMEOUT_MS)
             image = panel.locator("img")
             expect(image).to_have_attribute("src", re.compile(r"^(blob|data):"))

@@ -81,3 +81,14 @@ def test_a_wide_spread_is_flagged(samples, noisy):
     measurement = Measurement(samples_s=samples, first_call_s=2.0, warmup=1)
     assert measurement.noisy is noisy and measurement.to_dict()["noisy"] is noisy
     assert ("Noisy" in str(measurement)) is noisy
+
+
+def test_one_sentence_writes_every_measurement():
+    from helpers.timing import measurement_sentence
+
+    assert measurement_sentence(0.0844, 0.0021, runs=5, device="NVIDIA H100", first_call_s=12.3) == (
+        "0.084 s median (IQR 0.002 s, 5 runs) on NVIDIA H100; first call 12.30 s")
+    assert measurement_sentence(0.5, 0.01, per="image", note="not comparable") == (
+        "0.500 s per image (IQR 0.010 s, not comparable)")
+    measured = Measurement(samples_s=[1.0, 1.1, 1.2], first_call_s=3.0, warmup=1)
+    assert str(measured).startswith(measurement_sentence(1.1, measured.iqr_s, runs=3, first_call_s=3.0))

@@ -17,7 +17,7 @@ from helpers.params import Params
 from helpers.recording import record_step
 from helpers.widgets import OUT_OF_MEMORY_MESSAGE, flags_panel, playground
 
-LATENCY = re.compile(r"\d+\.\d+ s median, IQR \d+\.\d+ s, 1 runs, on .+; first call \d+\.\d+ s")
+LATENCY = re.compile(r"\d+\.\d+ s median \(IQR \d+\.\d+ s, 1 runs\) on .+; first call \d+\.\d+ s")
 
 
 @pytest.fixture(scope="module")
