@@ -9,7 +9,6 @@
 """
 
 import dataclasses
-import datetime
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .compile_cache import MUST_MATCH, check_compile_cache, first_call_state, save_compile_cache, use_compile_cache  # noqa: F401  (notebook 08 reads them from here)
-from .machine import device_name, package_versions
+from .machine import device_name
 from .regions import DEFAULT_REGIONS, REGIONS
 from .timing import measurement_sentence
 
@@ -247,15 +246,12 @@ PHASES = (("import_s", "import"), ("load_s", "load the pipeline"), ("prepare_s",
 def record_start(params, result):
     """Append one start to `<out_dir>/cold_start/results.json`, with the device, versions and parameters, and why its
     steady time can't be compared with the others' where it can't; returns the record."""
-    from .machine import driver_version
-    from .results import EXECUTED_NOTEBOOK_ENV, append_record
+    from .results import append_record, base_record
 
     record = {
-        **{key: value for key, value in result.items() if key != "cache_dir"},
+        **base_record(params),
+        **{key: value for key, value in result.items() if key != "cache_dir"},  # its device: the child's
         "steady_caveat": PACKAGE_STEADY_CAVEAT if result["way"] == "package" else None,
-        "driver": driver_version(), "versions": package_versions(), "params": params.to_dict(),
-        "notebook": os.environ.get(EXECUTED_NOTEBOOK_ENV),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     append_record(Path(params.out_dir) / COLD_START_DIR, record)
     return record

@@ -24,6 +24,19 @@ EXECUTED_NOTEBOOK_ENV = "SDXL_FAST_NOTEBOOK"
 _BETWEEN_RECORDS = re.compile(r"[\s,]*")
 
 
+def base_record(params):
+    """What every record says, whatever it measured: where (device, driver, versions), with what parameters, from
+    which executed notebook (where the runner made one), and when."""
+    return {
+        "device": device_name(),
+        "driver": driver_version(),
+        "versions": package_versions(),
+        "params": params.to_dict(),
+        "notebook": os.environ.get(EXECUTED_NOTEBOOK_ENV),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def make_record(step, measurement, params, *, dtype, image_file=None, quality=None, status="ok", note=None, extra=None,
                 baseline_file=None):
     """A plain-JSON record of one step's measurement and of everything needed to reproduce and compare it.
@@ -47,18 +60,13 @@ def make_record(step, measurement, params, *, dtype, image_file=None, quality=No
         "samples_s": [],
         "first_call_s": None,
         "peak_memory_gb": None,
-        "device": device_name(),
-        "driver": driver_version(),
         "dtype": str(dtype).removeprefix("torch."),
         "precision": precision_settings(),
-        "versions": package_versions(),
-        "params": params.to_dict(),
         "image": image_file,
         "baseline_image": baseline_file,
-        "notebook": os.environ.get(EXECUTED_NOTEBOOK_ENV),
         "quality": quality,
         "note": note,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **base_record(params),
     }
     if measurement is not None:
         record.update(measurement.to_dict())
