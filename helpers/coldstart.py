@@ -154,11 +154,11 @@ def time_start(way, params, workdir, compile="full", compile_mode=None, cache_di
 def main(argv):
     """The child's side of time_start: `SPEC RESULT`, two JSON files."""
     spec_file, result_file = argv
-    result = _start(json.loads(Path(spec_file).read_text()), float(os.environ[LAUNCHED_ENV]))
+    result = _start_and_measure(json.loads(Path(spec_file).read_text()), float(os.environ[LAUNCHED_ENV]))
     Path(result_file).write_text(json.dumps(result))
 
 
-def _start(spec, launched):
+def _start_and_measure(spec, launched):
     """Start as `spec` says; the times are from `launched` (the moment the process was started), as a user waits."""
     from torch._dynamo.utils import counters
 
