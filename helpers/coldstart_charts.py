@@ -99,7 +99,9 @@ def draw_regions(arms, path=None):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     first = next(iter(arms.values()))
-    axis.set_title(f"Regions against the full compile on {first['device']}, {first['params']['model']}", fontsize=10)
+    params = first["params"]
+    size = f"{params['height']}x{params['width']}" if params.get("height") and params.get("width") else "native size"
+    axis.set_title(f"Regions against the full compile on {first['device']}, {params['model']} at {size}", fontsize=10)
     if path is not None:
         figure.savefig(path, dpi=110)
     return figure

@@ -245,6 +245,15 @@ def test_the_package_starts_steady_time_is_labelled_not_comparable(tmp_path):
     assert "not comparable" in texts[1] and "not comparable" not in texts[0]
 
 
+def test_the_regions_chart_marks_the_full_compile_and_names_the_size():
+    record = {"device": "CPU", "params": small().to_dict(), "first_call_s": 100.0, "median_s": 0.2, "iqr_s": 0.01}
+    arms = {"full compile": record, "blocks": {**record, "first_call_s": 40.0, "median_s": 0.25}}
+    axis = coldstart_charts.draw_regions(arms).axes[0]
+    assert axis.get_title() == "Regions against the full compile on CPU, tiny at 64x64"
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["full compile", "blocks"]
+    assert [bars.lines[0].get_marker() for bars in axis.containers] == ["s", "o"]  # the full compile: a square
+
+
 def test_the_appendix_states_its_gpu_time_and_what_the_estimate_rests_on():
     sentence = coldstart.gpu_estimate(["default", "max-autotune"], "max-autotune")
     # Cold starts of default and max-autotune, the package's max-autotune compile, a regional one, 3 warm starts.
