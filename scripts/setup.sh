@@ -20,7 +20,7 @@ fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! grep -q "include-system-site-packages = true" .venv/pyvenv.cfg; then
   "${pip[@]}" uv
-  # uv reads no pip configuration: where pip finds local wheels, uv looks too.
+  # uv reads no pip configuration (docs.astral.sh/uv/pip/compatibility): where pip finds local wheels, uv looks too.
   export UV_FIND_LINKS="${UV_FIND_LINKS:-${PIP_FIND_LINKS:-}}"
   [ -n "$UV_FIND_LINKS" ] || unset UV_FIND_LINKS
   pip=(.venv/bin/uv pip install --quiet --python .venv/bin/python)
