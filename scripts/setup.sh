@@ -23,7 +23,9 @@ if ! grep -q "include-system-site-packages = true" .venv/pyvenv.cfg; then
   # uv reads no pip configuration (docs.astral.sh/uv/pip/compatibility): where pip finds local wheels, uv looks too.
   export UV_FIND_LINKS="${UV_FIND_LINKS:-${PIP_FIND_LINKS:-}}"
   [ -n "$UV_FIND_LINKS" ] || unset UV_FIND_LINKS
-  pip=(.venv/bin/uv pip install --quiet --python .venv/bin/python)
+  # --compile-bytecode writes the .pyc files at install, as pip does: without them, where PYTHONDONTWRITEBYTECODE is
+  # set, every process compiles what it imports again (`import torch, diffusers`: 15 s instead of 5 s here).
+  pip=(.venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python)
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
