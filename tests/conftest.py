@@ -8,6 +8,7 @@ import huggingface_hub
 import huggingface_hub.constants  # a submodule: imported here, not left to whichever test imports diffusers first
 import nbformat
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -22,11 +23,13 @@ SLOW_FIXTURES = {"series", "cache_file", "job"}
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that executes notebooks, drives the browser or needs a slow fixture is slow too."""
+    """Every test that executes notebooks, drives the browser or needs a slow fixture is slow too. The tests that
+    read the series run last, so that the other tests run while it runs in the background (`series_run`)."""
     for item in items:
         if (item.get_closest_marker("notebooks") or item.get_closest_marker("browser")
                 or SLOW_FIXTURES & set(item.fixturenames)):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: "series" in item.fixturenames)  # a stable sort: the order is otherwise kept
 
 
 def notebook_cells(notebook, tag):
@@ -45,25 +48,60 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+class SeriesRun:
+    """The runner executing the series in a process of its own, its output going to `runner.log` beside `out`."""
+
+    def __init__(self, out, tiny_folder, cache):
+        self.out, self.log = out, out.parent / "runner.log"
+        env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", "--inductor-cache",
+                 str(cache), "--model", str(tiny_folder), "--only", "01-08", "--set", 'COMPILE_MODES=["max-autotune"]',
+                 "--set", 'REGION_CHOICES=["blocks"]', *SERIES_ARGS],
+                stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+    def result(self):
+        """(the output folder, its records, the runner's output) once the run has ended; fails if it failed."""
+        returncode = self.process.wait()
+        printed = self.log.read_text()
+        assert returncode == 0, printed[-8000:]
+        return self.out, json.loads((self.out / "results.json").read_text()), printed
+
+    def stop(self):
+        if self.process.poll() is None:  # the session ended first (a failure under -x, Ctrl-C)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
 @pytest.fixture(scope="session")
-def series(tmp_path_factory, tiny_folder):
+def series_run(tmp_path_factory, tiny_folder):
     """The whole course run once headless by the README's main command, on the tiny model loaded from a folder
     by `from_pretrained`: the path users take with SDXL (the model built in memory is `--model tiny`). Appendix 08
     runs after the seven steps in the course's compile mode only, and with one choice of regions (the other modes and
     choices are the same code; test_regional checks what each choice compiles)."""
-    out = tmp_path_factory.mktemp("series")
     # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
-    cache = tmp_path_factory.mktemp("inductor")
-    env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", "--inductor-cache", str(cache),
-         "--model", str(tiny_folder), "--only", "01-08", "--set", 'COMPILE_MODES=["max-autotune"]',
-         "--set", 'REGION_CHOICES=["blocks"]', *SERIES_ARGS],
-        capture_output=True, text=True, env=env, cwd=ROOT,
-    )
-    (out.parent / "runner.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out, json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr
+    run = SeriesRun(tmp_path_factory.mktemp("series"), tiny_folder, tmp_path_factory.mktemp("inductor"))
+    yield run
+    run.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def series_in_the_background(request):
+    """On a machine without a GPU the series starts with the session when a collected test reads it, and the other
+    tests run meanwhile (a cold compile of the tiny pipeline keeps about 1.3 of 2 cores busy: user+sys over wall
+    time). With a GPU it starts when a test first reads it, and nothing else runs beside it."""
+    if not torch.cuda.is_available() and any("series" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("series_run")
+
+
+@pytest.fixture(scope="session")
+def series(series_run):
+    """(output folder, records, runner output) of the series, waiting for it to end."""
+    return series_run.result()
 
 
 @pytest.fixture
