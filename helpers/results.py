@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .files import OutputError, output_error, write_atomically, write_new
 from .machine import device_name, driver_version, package_versions, precision_settings
+from .timing import measurement_sentence
 
 RESULTS_FILE = "results.json"
 STATUSES = ("ok", "out_of_memory", "failed", "stopped", "skipped")
@@ -245,3 +246,16 @@ def latest_records(records):
         for step in STEP_IDS
         if (device, model, step) in latest
     ]
+
+
+def summary_of(out_dir, notebook):
+    """The runner's line for an executed step of the ladder, from the last record it wrote; None if it measured
+    nothing."""
+    records = [r for r in load_records(out_dir, quiet=True) if r.get("notebook") == notebook]
+    if not records or not records[-1].get("median_s"):
+        return None
+    record = records[-1]
+    quality = record.get("quality") or {}
+    ssim = f", SSIM {quality['ssim']:.3f} against 01" if quality.get("ssim") is not None else ""
+    return measurement_sentence(record["median_s"], record["iqr_s"], device=record["device"],
+                                first_call_s=record["first_call_s"]) + ssim

@@ -37,11 +37,12 @@ from .kernels import (
 )
 from .models import check_model, download, resolve_model
 from .params import Params, cell_names
-from .results import EXECUTED_NOTEBOOK_ENV, append_record, load_records, make_record
+from .results import EXECUTED_NOTEBOOK_ENV, append_record, make_record
 from .steps import STEP_IDS, select_steps
-from .timing import measurement_sentence
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
 class RunFailed(RuntimeError):
     """A notebook failed; the message names the notebook, the cell and the error."""
 
@@ -163,20 +164,10 @@ def _run_notebooks(run, steps):
 
 
 def _print_result(out_dir, notebook, step):
-    """The step's result in one line, from the record that its executed notebook wrote."""
-    if not step.charted:
-        line = importlib.import_module(f"{__package__}.{step.module}").summary_of(out_dir, notebook)
-        if line:
-            print(f"   {line}", flush=True)
-        return
-    records = [r for r in load_records(out_dir, quiet=True) if r.get("notebook") == notebook]
-    if records and records[-1].get("median_s"):
-        record = records[-1]
-        quality = record.get("quality") or {}
-        ssim = f", SSIM {quality['ssim']:.3f} against 01" if quality.get("ssim") is not None else ""
-        line = measurement_sentence(record["median_s"], record["iqr_s"], device=record["device"],
-                                    first_call_s=record["first_call_s"])
-        print(f"   {line}{ssim}", flush=True)
+    """The step's result in one line, from the records that its executed notebook wrote."""
+    line = importlib.import_module(f"{__package__}.{step.module}").summary_of(out_dir, notebook)
+    if line:
+        print(f"   {line}", flush=True)
 
 
 def _kernel_failure(step, error, folder, notebook):

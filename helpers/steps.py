@@ -45,6 +45,7 @@ class Step:
     tutorial_a100_s: float | None
     settings: Settings
     charted = True  # a bar of the chart: its records are the ladder's, also those of a failure
+    module = "results"  # the helpers module whose `summary_of(out_dir, notebook)` is the runner's line for it
 
 
 STEPS = (
