@@ -156,6 +156,15 @@ def require_torchao():
         ) from None
 
 
+def torchao_problem():
+    """None where step 06's int8 can run, else the one sentence that says why not (what the flags panel shows)."""
+    try:
+        require_torchao()
+    except StepUnavailable as error:
+        return str(error)
+    return None
+
+
 def weights_gb(module):
     """Bytes of a module's parameters and buffers in GB, counting quantized tensors at their packed size."""
     from torchao.utils import get_model_size_in_bytes

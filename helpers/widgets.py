@@ -19,7 +19,7 @@ import torch
 
 from .errors import ModelUnavailable
 from .images import describe_quality, generate, image_size, quality, side_by_side
-from .ladder import build, build_pipeline, require_torchao
+from .ladder import build, build_pipeline, torchao_problem
 from .machine import device_name
 from .memory import free_memory
 from .models import low_precision_dtype, native_size
@@ -200,15 +200,6 @@ def playground(pipe, params, step=None, label=None, warmup=0, runs=3):
     """
     label = label or (f"{step} {get_step(step).title}" if step else "this pipeline")
     return Playground(pipe, params, label=label, warmup=warmup, runs=runs, step=step and get_step(step).id)
-
-
-def torchao_problem():
-    """None where step 06's int8 can run, else the one sentence that says why not."""
-    try:
-        require_torchao()
-    except StepUnavailable as error:
-        return str(error)
-    return None
 
 
 def results_table(rows):
