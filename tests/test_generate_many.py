@@ -144,8 +144,8 @@ def test_a_killed_process_costs_only_its_unfinished_images(tmp_path, script, cap
     out, args = tmp_path / "many", ["--prompt", "a red fox", "--copies", "10"]
     running = launch("torchrun", args, out, wait=False)
     try:
-        part = out / "parts" / "rank-1.jsonl"
-        while not (part.is_file() and part.read_text().count("\n") >= 1):
+        parts = [out / "parts" / f"rank-{rank}.jsonl" for rank in (0, 1)]
+        while not all(part.is_file() and part.read_text().count("\n") >= 1 for part in parts):  # each rank made one
             assert running.poll() is None, running.communicate()
             time.sleep(0.05)
         rank_1 = [p for p in psutil.Process(running.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
