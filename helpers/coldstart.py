@@ -257,11 +257,30 @@ def record_start(params, result):
     return record
 
 
-def load_start_records(out_dir):
-    """The records of `<out_dir>/cold_start/results.json`, oldest first ([] where there is none)."""
-    from .results import RESULTS_FILE, read_records_file
+def load_start_records(out_dir, quiet=True):
+    """The usable records of `<out_dir>/cold_start/results.json`, oldest first ([] where there is none)."""
+    from .results import load_records
 
-    return read_records_file(Path(out_dir) / COLD_START_DIR / RESULTS_FILE)[0]
+    return load_records(Path(out_dir) / COLD_START_DIR, quiet=quiet, problem=start_problem)
+
+
+def start_problem(record):
+    """Why the runner's line for notebook 08 can't use `record` (a hand-edited one, say), or None."""
+    from .results import is_number, shown
+
+    if not isinstance(record, dict):
+        return f"it is {shown(record)}, not a JSON object"
+    if record.get("way") not in WAYS:
+        return f"way {shown(record.get('way'))} is not one of {', '.join(WAYS)}"
+    if record.get("compile") not in ("full", "regional", "aot"):
+        return f"compile {shown(record.get('compile'))} is not one of full, regional, aot"
+    params = record.get("params")
+    if not (isinstance(record.get("compile_mode"), str) and isinstance(params, dict)
+            and isinstance(params.get("compile_mode"), str)):
+        return "its compile_mode or its params' compile_mode is missing"
+    if not is_number(record.get("to_first_image_s"), True):
+        return f"to_first_image_s is {shown(record.get('to_first_image_s'))}, not a positive number"
+    return None
 
 
 def describe_start(result):

@@ -148,28 +148,30 @@ def append_record(out_dir, record):
     return record
 
 
-def load_records(out_dir, quiet=False):
+def load_records(out_dir, quiet=False, problem=None):
     """The usable records of `<out_dir>/results.json`, oldest first ([] where there is none); writes nothing.
 
-    Each record the chart can't draw is left out with a line that says which and why; a file cut off mid-write
-    gives its complete records, and a line says so (unless `quiet`)."""
+    Each record that `problem` (`record_problem` for the ladder's step records) finds fault with is left out with a
+    line that says which and why; a file cut off mid-write gives its complete records, and a line says so (unless
+    `quiet`). Every kind of record is read here: steps, cold starts (`coldstart.start_problem`) and batches."""
     path = Path(out_dir) / RESULTS_FILE
     records, damage = read_records_file(path)
     if damage and not quiet:
         print(f"Warning: {path} {damage}: using those, and leaving the file as it is.")
-    return usable_records(records, path, quiet)
+    return usable_records(records, path, quiet, problem or record_problem)
 
 
-def usable_records(records, where="these records", quiet=False):
-    """`records` without those `record_problem` finds fault with; each one left out is named in a line."""
+def usable_records(records, where="these records", quiet=False, problem=None):
+    """`records` without those `problem` (by default `record_problem`) finds fault with; each one left out is named
+    in a line."""
     usable = []
     for number, record in enumerate(records, 1):
-        problem = record_problem(record)
-        if problem is None:
+        found = (problem or record_problem)(record)
+        if found is None:
             usable.append(record)
         elif not quiet:
             step = f" (step {record.get('step')})" if isinstance(record, dict) and "step" in record else ""
-            print(f"Skipped record {number}{step} of {where}: {problem}.")
+            print(f"Skipped record {number}{step} of {where}: {found}.")
     return usable
 
 
@@ -178,20 +180,20 @@ def record_problem(record):
     from .steps import STEP_IDS
 
     if not isinstance(record, dict):
-        return f"it is {_shown(record)}, not a JSON object"
+        return f"it is {shown(record)}, not a JSON object"
     if record.get("step") not in STEP_IDS:
-        return f"step {_shown(record.get('step'))} is not one of the course's steps ({', '.join(STEP_IDS)})"
+        return f"step {shown(record.get('step'))} is not one of the course's steps ({', '.join(STEP_IDS)})"
     if record.get("status") not in STATUSES:
-        return f"status {_shown(record.get('status'))} is not one of {', '.join(STATUSES)}"
+        return f"status {shown(record.get('status'))} is not one of {', '.join(STATUSES)}"
     for name in ("device", "model"):
         if not isinstance(record.get(name), str) or not record[name].strip():
-            return f"{name} is {_shown(record.get(name))}, not a name"
+            return f"{name} is {shown(record.get(name))}, not a name"
     if not isinstance(record.get("params"), dict):
-        return f"params is {_shown(record.get('params'))}, not a JSON object"
+        return f"params is {shown(record.get('params'))}, not a JSON object"
     for name in ("height", "width"):
         value = record.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return f"{name} is {_shown(value)}, not a positive whole number"
+            return f"{name} is {shown(value)}, not a positive whole number"
     return _numbers_problem(record)
 
 
@@ -202,28 +204,28 @@ def _numbers_problem(record):
               ("peak_memory_gb", False, False), ("peak_fraction", False, False)]
     for name, positive, required in checks:
         value = record.get(name)
-        if (value is not None or required) and not _is_number(value, positive):
-            return f"{name} is {_shown(value)}, not {'a positive number' if positive else 'a number of 0 or more'}"
+        if (value is not None or required) and not is_number(value, positive):
+            return f"{name} is {shown(value)}, not {'a positive number' if positive else 'a number of 0 or more'}"
     samples = record.get("samples_s")
-    if samples is not None and not (isinstance(samples, list) and all(_is_number(s, False) for s in samples)):
-        return f"samples_s is {_shown(samples)}, not a list of seconds"
+    if samples is not None and not (isinstance(samples, list) and all(is_number(s, False) for s in samples)):
+        return f"samples_s is {shown(samples)}, not a list of seconds"
     quality = record.get("quality")
     if quality is None:
         return None
-    if not isinstance(quality, dict) or not _is_number(quality.get("ssim"), False):
-        return f"quality is {_shown(quality)}, not an object with an ssim number"
-    if quality.get("psnr_db") is not None and not _is_number(quality["psnr_db"], False):
-        return f"quality's psnr_db is {_shown(quality['psnr_db'])}, not a number"
+    if not isinstance(quality, dict) or not is_number(quality.get("ssim"), False):
+        return f"quality is {shown(quality)}, not an object with an ssim number"
+    if quality.get("psnr_db") is not None and not is_number(quality["psnr_db"], False):
+        return f"quality's psnr_db is {shown(quality['psnr_db'])}, not a number"
     return None
 
 
-def _is_number(value, positive):
+def is_number(value, positive):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return False
     return value > 0 if positive else value >= 0
 
 
-def _shown(value):
+def shown(value):
     """`value` as it reads in the JSON file, cut short."""
     try:
         text = json.dumps(value)

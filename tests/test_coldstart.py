@@ -393,3 +393,21 @@ def test_the_appendix_parameters_cell_is_the_courses_plus_the_modes():
     exec(cell, {}, written)
     modes, choices = written.pop("COMPILE_MODES"), written.pop("REGION_CHOICES")
     assert written == cell_names() and sorted(modes) == sorted(COMPILE_MODES) and choices == list(helpers.REGIONS)
+
+
+def test_the_runners_line_for_08_leaves_out_a_hand_edited_start_record(tmp_path, capsys):
+    """Start records are read as every record is, by `results.load_records`: one it can't use is left out."""
+    cold = {"way": "cold", "compile": "full", "compile_mode": "default", "params": {"compile_mode": "default"},
+            "to_first_image_s": 61.2, "notebook": "08.ipynb"}
+    package = {**cold, "way": "package", "compile": "aot", "to_first_image_s": 9.5}
+    records = [cold, {**cold, "way": "disk", "to_first_image_s": "fast"}, "a note", package]
+    (tmp_path / coldstart.COLD_START_DIR).mkdir()
+    (tmp_path / coldstart.COLD_START_DIR / "results.json").write_text(json.dumps(records))
+    assert coldstart.load_start_records(tmp_path) == [cold, package]
+    line = coldstart.summary_of(tmp_path, "08.ipynb")
+    assert line == "time to the first image (default): cold 61.2 s, AOTInductor package 9.5 s"
+    assert capsys.readouterr().out == ""  # the runner's line is quiet about them
+    coldstart.load_start_records(tmp_path, quiet=False)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("Skipped record 2 of ") and "to_first_image_s is \"fast\"" in printed[0]
+    assert printed[1].startswith("Skipped record 3 of ") and "not a JSON object" in printed[1]
