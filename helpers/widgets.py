@@ -29,7 +29,9 @@ from .regions import DEFAULT_REGIONS, REGIONS
 from .steps import Settings, StepUnavailable, get_step
 from .timing import benchmark, measurement_sentence
 
-OUT_OF_MEMORY_MESSAGE = "out of GPU memory: try a smaller size or fewer steps"
+# The peak is the weights plus one denoising step's (or the VAE decode's) activations: the number of steps doesn't
+# change it, a smaller image does.
+OUT_OF_MEMORY_MESSAGE = "out of GPU memory: try a smaller height and width, or free other GPU work"
 COMPILE_CHOICES = (("off", "off"), ("whole UNet + VAE decoder (step 04)", "full"), ("regional (step 07)", "regional"))
 
 
