@@ -51,9 +51,10 @@ def draw_starts(records, path=None):
 
 
 def regions_table(arms, params):
-    """One line per arm ({name: start record}, the full compile first): graphs its first call compiled, the first
-    call, the steady median (IQR), the share of the UNet's FLOPs it leaves eager here and in SDXL at 1024x1024, its
-    image against notebook 01's baseline (where one was recorded with these parameters) and recompile-limit hits."""
+    """One line per arm ({name: start record}, the full compile first where there is one): graphs its first call
+    compiled, the first call, the steady median (IQR), the share of the UNet's FLOPs it leaves eager here and in SDXL
+    at 1024x1024, its image against notebook 01's baseline (where one was recorded with these parameters) and
+    recompile-limit hits; then each arm's ratios to the full compile."""
     from .flops import eager_share
     from .images import image_size, quality
     from .recording import baseline_image
@@ -66,12 +67,15 @@ def regions_table(arms, params):
         regions = record.get("regions")
         here = eager_share(params.model, height, width, regions=regions) if regions else 0.0
         sdxl = eager_share("sdxl-random", 1024, 1024, regions=regions) if regions else 0.0
-        ssim = f"{quality(_image(record), baseline)['ssim']:.3f}" if baseline is not None else "no 01"
+        score = record.get("ssim")  # kept by scripts/compare_regions.py, whose arms' images may be gone
+        if score is None and baseline is not None:
+            score = quality(_image(record), baseline)["ssim"]
+        ssim = f"{score:.3f}" if score is not None else "no 01"
         steady = f"{record['median_s']:.3f} s ({record['iqr_s']:.3f})"
         lines.append(f"{name:28}{record['graphs']:>7}{record['first_call_s']:>10.1f} s{steady:>20}"
                      f"{100 * here:>12.1f}%{100 * sdxl:>10.1f}%{ssim:>12}{record['recompile_limit_hits']:>12}")
     full = next(iter(arms.values()))
-    for name, record in list(arms.items())[1:]:
+    for name, record in list(arms.items())[1:] if full["compile"] == "full" else []:  # ratios to a full compile
         lines.append(f"{name}: first call {record['first_call_s'] / full['first_call_s']:.2f}x the full compile's, "
                      f"steady {100 * (record['median_s'] / full['median_s'] - 1):+.1f}%")
     return "\n".join(lines)
@@ -84,14 +88,15 @@ def _image(record):
 
 
 def draw_regions(arms, path=None):
-    """First call against steady latency, one point per arm, the full compile (the first arm) marked."""
+    """First call against steady latency, one point per arm, the full compile marked."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axis = figure.add_subplot()
-    for number, (name, record) in enumerate(arms.items()):
+    for name, record in arms.items():
         axis.errorbar(record["first_call_s"], record["median_s"], yerr=record["iqr_s"] / 2, capsize=3,
-                      marker="s" if number == 0 else "o", color="black" if number == 0 else None, label=name)
+                      marker="s" if record["compile"] == "full" else "o",
+                      color="black" if record["compile"] == "full" else None, label=name)
     axis.set_xlabel("first call: a cold compile and one image (s)")
     axis.set_ylabel("steady median per image (s), bars: IQR")
     axis.set_xlim(left=0)

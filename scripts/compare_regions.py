@@ -1,23 +1,28 @@
 """Which regions to compile in SDXL's UNet: each choice of `helpers.regions.REGIONS` against the full compile.
 
     python scripts/compare_regions.py --model tiny --height 64 --width 64 --steps 2 --compile-mode default --out DIR
+    python scripts/compare_regions.py --merge A/regions.json B/regions.json --out DIR
 
 Every arm is step 06's pipeline (bf16, SDPA, fused QKV, int8) compiled in a fresh process with an empty Inductor
 cache, so every first call is a cold compile: the full compile of step 06 (the reference row), then each choice of
-regions as step 07 compiles it (`--regions` names the choices to run; all of them by default). Each arm prints its
-graphs compiled in the first call, its first call, its steady median with the IQR, the share of the UNet's FLOPs it
-leaves eager (counted on SDXL, or on the tiny model, at this size) and its image against the fp32 baseline's. DIR
-gets the baseline's record and image, regions.json (the arms and their table), regions.png (first call against
-steady latency, one point per arm) and arms/, each arm's log, last image and Inductor cache folder. Warm up well on
-a CPU (--warmup 3): the first calls after a compile are slow.
+regions as step 07 compiles it (`--arms` names the arms to run, `full` and the choices; all of them by default).
+Each arm prints its graphs compiled in the first call, its first call, its steady median with the IQR, the share of
+the UNet's FLOPs it leaves eager (counted on SDXL, or on the tiny model, at this size) and its image against the
+fp32 baseline's. DIR gets the baseline's record and image, regions.json (the arms and their table), regions.png
+(first call against steady latency, one point per arm) and arms/, each arm's log, last image and Inductor cache
+folder. Warm up well on a CPU (--warmup 3): the first calls after a compile are slow. Where all arms don't fit one
+session (a GPU lent for minutes), run them in several, each with its own --out and `--arms`, and `--merge` their
+regions.json files.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import helpers
 from helpers.coldstart import describe_start, time_start
@@ -27,6 +32,7 @@ from helpers.params import COMPILE_MODES, Params
 from helpers.regions import REGIONS
 
 FULL = "full compile (06)"
+ARMS = ("full", *REGIONS)  # what --arms takes: the full compile and each choice of regions
 
 
 def parse_args(argv=None):
@@ -39,35 +45,78 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES)
-    parser.add_argument("--regions", nargs="+", choices=list(REGIONS), default=list(REGIONS),
-                        help="the choices of regions to compare with the full compile (default: all of them)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="the arms to run: full (the reference) and choices of regions (default: all of them)")
+    parser.add_argument("--merge", nargs="+", metavar="REGIONS_JSON",
+                        help="measure nothing: draw one table and chart in --out from the arms of these regions.json "
+                             "files, made by earlier runs with the same parameters on the same device")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
+    if args.merge:
+        try:
+            params, device, arms = merged(args.merge)
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        write(out, dataclasses.replace(params, out_dir=str(out)), device, arms)
+        return 0
     params = Params(model=args.model, height=args.height, width=args.width, steps=args.steps, warmup=args.warmup,
                     runs=args.runs, compile_mode=args.compile_mode, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
-    # The baseline the arms' images are scored against, as notebook 01 records it.
-    baseline = helpers.build(params.model, through="01", verbose=False)
-    once = helpers.benchmark(lambda: helpers.generate(baseline, params), warmup=0, runs=1, progress=False)
-    helpers.record_step("01", once, params, dtype=torch.float32, image=once.output)
+    baseline = record_baseline(params)
+    helpers.free_memory()  # the baseline's pipeline is gone: the arms' processes get the GPU's memory
     arms = {}
-    for name, step, regions in [(FULL, "06", None), *((choice, "07", choice) for choice in args.regions)]:
+    for arm in (arm for arm in ARMS if arm in args.arms):  # the full compile first, the reference of the others
+        name, full = (FULL, True) if arm == "full" else (arm, False)
         # Each arm's log, last image and Inductor cache folder stay in DIR/arms/<arm>/, for a look after.
-        result = time_start("cold", params, out / "arms" / name.split()[0], compile="regional" if regions else "full",
-                            step=step, regions=regions)
-        arms[name] = {**result, "params": params.to_dict()}
+        result = time_start("cold", params, out / "arms" / arm, compile="full" if full else "regional",
+                            step="06" if full else "07", regions=None if full else arm)
+        ssim = helpers.quality(Image.open(result["image"]), baseline)["ssim"]  # kept: the image may not be
+        arms[name] = {**result, "params": params.to_dict(), "ssim": ssim}
         print(f"{name}: {describe_start(result)}", flush=True)
+    write(out, params, device_name(), arms)
+    return 0
+
+
+def record_baseline(params):
+    """The image the arms' images are scored against, recorded as notebook 01 records it."""
+    eager = helpers.build(params.model, through="01", verbose=False)
+    once = helpers.benchmark(lambda: helpers.generate(eager, params), warmup=0, runs=1, progress=False)
+    helpers.record_step("01", once, params, dtype=torch.float32, image=once.output)
+    return once.output
+
+
+def write(out, params, device, arms):
+    """The table printed, regions.png and regions.json in `out`."""
     table = regions_table(arms, params)
     draw_regions(arms, out / "regions.png")
     print(table)
-    (out / "regions.json").write_text(json.dumps({"params": params.to_dict(), "device": device_name(),
-                                                  "arms": arms, "table": table}, indent=1))
+    (out / "regions.json").write_text(json.dumps({"params": params.to_dict(), "device": device, "arms": arms,
+                                                  "table": table}, indent=1))
     print(f"{out / 'regions.json'}, {out / 'regions.png'}")
-    return 0
+
+
+def merged(paths):
+    """(params, device, arms) of several regions.json files, the full compile first; a later file's arm replaces an
+    earlier one of the same name. One sentence (ValueError) where they differ in parameters or device."""
+    files = [json.loads(Path(path).read_text()) for path in paths]
+    first = files[0]
+    for path, data in zip(paths, files):
+        ignored = ("out_dir",)  # each run writes its own folder
+        same = {k: v for k, v in data["params"].items() if k not in ignored} == {
+            k: v for k, v in first["params"].items() if k not in ignored}
+        if not same or data["device"] != first["device"]:
+            raise ValueError(f"{path} was measured with other parameters or on another device than {paths[0]}: "
+                             "merge only runs of the same command on the same device.")
+    arms = {name: arm for data in files for name, arm in data["arms"].items()}
+    order = [FULL, *REGIONS]
+    return (Params(**first["params"]), first["device"],
+            dict(sorted(arms.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
 #
 # $OUT gets at most 8 files, each under 16 MB: log.txt, env.txt (nvidia-smi, versions, matmul TFLOP/s),
 # results.json, latency_per_step.png, notebooks.tar.gz (executed notebooks, images left out) and
-# profile/{summary.json,top_kernels.txt,trace.json.gz}.
+# profile/{summary.json,top_kernels.txt,trace.json.gz}; slices 6-9 (one arm each of scripts/compare_regions.py,
+# no profile) give log.txt, env.txt and regions/{regions.json,regions.png,<the arm's start log>}.
 set -uo pipefail
 
 # The slices: number, name, the runner's --only and other arguments, and minutes on an H100 for the run and for the
@@ -34,22 +35,32 @@ set -uo pipefail
 # device). 03,07 without 07's extra sections (a second size, dynamic shapes, the flags panel): 2.8 + 4 + 0.1 = 6.9.
 # The runner gets what the start leaves of the budget (540 s by default) less 40 s, about 7.5 minutes: a whole-UNet
 # compile over about 5.5 minutes cuts it off, and the record of the step it stopped says so.
+# Slices 6-9 run scripts/compare_regions.py, one arm each (`--merge` their regions.json files afterwards): 1.0 +
+# the fp32 baseline 0.7 (built on the GPU, one image) + the arm's fresh process 0.5 + its cold compile + 13 images
+# (a first call, 2 warm-ups, 10 timed) at 2.6 s, 0.6 = 2.8 + compile: the full compile 5.8-12.8, `blocks` (counted at
+# 4, as 07) 6.8, and the two larger choices like the full compile (on the CPU their first calls took 0.84-0.92x its).
 SLICES=(
   "1|eager|01-03||4.8|1.0"
   "2|compile|03,04||5.8-12.8|1.5"
   "3|fused-qkv|03,05||5.8-12.8|1.5"
   "4|int8|03,06||6.0-13.0|1.5"
   "5|regional|03,07|--no-extras|6.9|1.5"
+  "6|regions-full|regions|--arms full|5.8-12.8|-"
+  "7|regions-blocks|regions|--arms blocks|6.8|-"
+  "8|regions-resnets|regions|--arms attention+resnets|5.8-12.8|-"
+  "9|regions-samplers|regions|--arms attention+resnets+samplers|5.8-12.8|-"
 )
 
 show_plan() {
-  echo "slice  name        notebooks  run, minutes on an H100  then the profile  runner arguments"
+  echo "slice  name              notebooks  run, minutes on an H100  then the profile  arguments"
   local entry number name only extra minutes profile
   for entry in "${SLICES[@]}"; do
     IFS='|' read -r number name only extra minutes profile <<<"$entry"
-    printf '%-6s %-11s %-10s %-24s %-17s %s\n' "$number" "$name" "$only" "$minutes" "$profile" "${extra:--}"
+    printf '%-6s %-17s %-10s %-24s %-17s %s\n' "$number" "$name" "$only" "$minutes" "$profile" "${extra:--}"
   done
   echo "(a range: a cold whole-UNet compile of 3 to 10 minutes; past about 5.5 it does not fit a 10-minute call)"
+  echo "(slices 6-9: one arm each of scripts/compare_regions.py; then: python scripts/compare_regions.py --merge" \
+    "DIR6/regions.json DIR7/regions.json DIR8/regions.json DIR9/regions.json --out DIR)"
 }
 
 wheels=${WHEELS:-} slice=
@@ -133,6 +144,10 @@ EOF
   } >"$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
 
+  if [[ $only == regions ]]; then
+    regions_arm "$@"
+    return
+  fi
   local run_s=$(($(left) - 40))
   echo "== slice $number ($name): python -m helpers run --only $only $extra (timeout ${run_s} s)"
   # SIGTERM at the timeout: the runner records the step it stops, with its cell and seconds, before it ends.
@@ -153,6 +168,25 @@ EOF
     echo "== profile skipped: $(left) s left"
   fi
   return "$ran"  # the runner's: a slice the budget cut off (124) or a notebook that failed is not a success
+}
+
+# One arm of the regions comparison at 1024x1024; back come its regions.json and chart and each start's log, not
+# the arm's Inductor cache folder.
+regions_arm() {
+  local run_s=$(($(left) - 20))
+  echo "== slice $number ($name): scripts/compare_regions.py $extra (timeout ${run_s} s)"
+  # shellcheck disable=SC2086  # $extra is a list of arguments
+  timeout --kill-after=20 "$run_s" python3 scripts/compare_regions.py --model sdxl-random --height 1024 \
+    --width 1024 --steps 30 --warmup 2 --runs 10 --out "$work/regions" $extra "$@"
+  local ran=$?
+  echo "compare_regions exit status: $ran"
+  mkdir -p "$OUT/regions"
+  cp "$work/regions/regions.json" "$work/regions/regions.png" "$OUT/regions/" 2>/dev/null
+  local log
+  for log in "$work"/regions/arms/*/*.log; do
+    [[ -f $log ]] && cp "$log" "$OUT/regions/$(basename "$(dirname "$log")")-$(basename "$log")"
+  done
+  return "$ran"
 }
 
 # Keep what comes back small: results and chart at the top, notebooks without their images in one archive.

@@ -246,8 +246,9 @@ def test_the_package_starts_steady_time_is_labelled_not_comparable(tmp_path):
 
 
 def test_the_regions_chart_marks_the_full_compile_and_names_the_size():
-    record = {"device": "CPU", "params": small().to_dict(), "first_call_s": 100.0, "median_s": 0.2, "iqr_s": 0.01}
-    arms = {"full compile": record, "blocks": {**record, "first_call_s": 40.0, "median_s": 0.25}}
+    record = {"device": "CPU", "params": small().to_dict(), "first_call_s": 100.0, "median_s": 0.2, "iqr_s": 0.01,
+              "compile": "full"}
+    arms = {"full compile": record, "blocks": {**record, "compile": "regional", "first_call_s": 40.0, "median_s": 0.25}}
     axis = coldstart_charts.draw_regions(arms).axes[0]
     assert axis.get_title() == "Regions against the full compile on CPU, tiny at 64x64"
     assert [text.get_text() for text in axis.get_legend().get_texts()] == ["full compile", "blocks"]

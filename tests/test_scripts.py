@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import helpers
 import helpers.__main__ as cli
 from helpers.steps import select_steps
 
@@ -126,7 +127,14 @@ def test_the_reference_run_plans_its_slices_and_runs_nothing(tmp_path):
         steps = select_steps(args.only)
         assert "03" in [step.id for step in steps] and sum(step.settings.compile != "off" for step in steps) <= 1
         assert args.no_extras == (extra == "--no-extras")
-    for slice_ in ("6", "everything"):
+    arms = [line.split() for line in plan.stdout.splitlines()[6:10]]  # compare_regions.py, one arm each
+    assert [(row[1], row[2], row[-1]) for row in arms] == [
+        ("regions-full", "regions", "full"), ("regions-blocks", "regions", "blocks"),
+        ("regions-resnets", "regions", "attention+resnets"),
+        ("regions-samplers", "regions", "attention+resnets+samplers")]
+    assert load_compare_regions().parse_args(["--out", "x", "--arms", *[row[-1] for row in arms]]).arms == [
+        "full", "blocks", "attention+resnets", "attention+resnets+samplers"]
+    for slice_ in ("10", "everything"):
         refused = subprocess.run(["bash", "scripts/gpu_reference.sh", "--slice", slice_], capture_output=True,
                                  text=True, cwd=ROOT, env=env)
         assert refused.returncode == 2 and f"(not '{slice_}')" in refused.stderr
@@ -191,3 +199,43 @@ def test_the_int8_check_finds_the_int8_matmul_on_the_cpu():
     found = gpu_check.int8_path(gpu_check.parse_args(["--out", "x"]))
     assert found["eager"]["int_mm"] == ["aten::_int_mm"] and found["eager"]["relative_error"] < 0.05
     assert found["compiled"].startswith("n/a on a CPU")
+
+
+def load_compare_regions():
+    spec = importlib.util.spec_from_file_location("compare_regions", ROOT / "scripts" / "compare_regions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_region_arms_run_in_separate_sessions_merge_into_one_table_and_chart(tmp_path, capsys):
+    """Arms measured in separate runs (a GPU lent for minutes at a time) make one table and chart, the full compile
+    first; runs with other parameters are refused in one sentence. The arms here are records as a run writes them."""
+    compare_regions = load_compare_regions()
+    params = helpers.Params(model="tiny", height=64, width=64, steps=2, compile_mode="default")
+    arm = {"way": "cold", "compile_mode": "default", "graphs": 2, "iqr_s": 0.002, "recompile_limit_hits": 0,
+           "device": "CPU", "ssim": 0.999}
+    runs = {
+        "blocks": {"blocks": {**arm, "compile": "regional", "regions": "blocks", "graphs": 3, "first_call_s": 50.0,
+                              "median_s": 0.066}},
+        "full": {compare_regions.FULL: {**arm, "compile": "full", "regions": None, "first_call_s": 100.0,
+                                        "median_s": 0.06}},
+    }
+    files = []
+    for name, arms in runs.items():
+        run = dict(params.to_dict(), out_dir=str(tmp_path / name))
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps({"params": run, "device": "CPU", "arms": {
+            key: {**value, "params": run} for key, value in arms.items()}}))
+    assert compare_regions.main(["--merge", *map(str, files), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "regions.json").read_text())
+    assert list(merged["arms"]) == [compare_regions.FULL, "blocks"]
+    assert "blocks: first call 0.50x the full compile's, steady +10.0%" in merged["table"]
+    assert (tmp_path / "merged" / "regions.png").stat().st_size > 10_000
+    other = json.loads(files[0].read_text())
+    other["params"]["height"] = 96
+    files[0].write_text(json.dumps(other))
+    capsys.readouterr()
+    assert compare_regions.main(["--merge", *map(str, files), "--out", str(tmp_path / "refused")]) == 2
+    assert capsys.readouterr().err.strip().endswith("merge only runs of the same command on the same device.")
+    assert not (tmp_path / "refused").exists()
