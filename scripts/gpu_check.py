@@ -421,6 +421,8 @@ class Checks:
     def notebooks(self, name, limit_s, out):
         """The notebooks headless in the course's runner; per step: status, dtype, compile, first call, median and
         the note (where the limit cut a step off, the runner's record says after how long and in which cell)."""
+        from helpers.results import load_records
+
         run, args = self.work_dir / "run", self.args
         command = [
             sys.executable, "-m", "helpers", "run", "--model", args.model, "--out", str(run), "--steps",
@@ -432,7 +434,7 @@ class Checks:
         for file in ("results.json", "latency_per_step.png"):
             if (run / file).exists():
                 shutil.copy(run / file, out / file)
-        records = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else []
+        records = load_records(run, quiet=True)  # [] where the runner wrote none
         steps = {r["step"]: {"status": r["status"], "dtype": r["dtype"],
                              "compile": r["params"]["compile_mode"] if r["step"] >= "04" else "eager",
                              "first_call_s": r["first_call_s"] and round(r["first_call_s"], 1),
