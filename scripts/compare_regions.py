@@ -12,15 +12,19 @@ fp32 baseline's. DIR gets the baseline's record and image, regions.json (the arm
 (first call against steady latency, one point per arm) and arms/, each arm's log, last image and Inductor cache
 folder. Warm up well on a CPU (--warmup 3): the first calls after a compile are slow. Where all arms don't fit one
 session (a GPU lent for minutes), run them in several, each with its own --out and `--arms`, and `--merge` their
-regions.json files.
+regions.json files. `--alternate ROUNDS` then builds every arm in the one process and times one image of each in
+turns, the order reversed every other round: on a noisy machine (a CPU VM), the ratio of each round's pair is
+steadier than the ratio of medians measured minutes apart.
 """
 
 import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -29,7 +33,8 @@ from helpers.coldstart import describe_start, time_start
 from helpers.coldstart_charts import draw_regions, regions_table
 from helpers.machine import device_name
 from helpers.params import COMPILE_MODES, Params
-from helpers.regions import REGIONS
+from helpers.regions import DEFAULT_REGIONS, REGIONS
+from helpers.timing import synchronize
 
 FULL = "full compile (06)"
 ARMS = ("full", *REGIONS)  # what --arms takes: the full compile and each choice of regions
@@ -47,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                         help="the arms to run: full (the reference) and choices of regions (default: all of them)")
+    parser.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                        help="then build every arm in this one process and time one image of each in turns, ROUNDS "
+                             "times: a drift of the machine's speed falls on all arms alike (a CPU VM's noise)")
     parser.add_argument("--merge", nargs="+", metavar="REGIONS_JSON",
                         help="measure nothing: draw one table and chart in --out from the arms of these regions.json "
                              "files, made by earlier runs with the same parameters on the same device")
@@ -79,8 +87,56 @@ def main(argv=None):
         ssim = helpers.quality(Image.open(result["image"]), baseline)["ssim"]  # kept: the image may not be
         arms[name] = {**result, "params": params.to_dict(), "ssim": ssim}
         print(f"{name}: {describe_start(result)}", flush=True)
-    write(out, params, device_name(), arms)
+    alternated = alternate(params, args.arms, args.alternate) if args.alternate else None
+    write(out, params, device_name(), arms, alternated)
     return 0
+
+
+def alternate(params, arms, rounds):
+    """Each arm's pipeline built and compiled in this process, warmed up, then timed one image at a time in turns."""
+    from helpers.ladder import build_pipeline
+    from helpers.steps import get_step
+
+    calls = {}
+    for arm in (arm for arm in ARMS if arm in arms):
+        step, regions = ("06", DEFAULT_REGIONS) if arm == "full" else ("07", arm)  # 06 compiles no regions
+        pipe = build_pipeline(params.model, get_step(step).settings, compile_mode=params.compile_mode,
+                              verbose=False, regions=regions)
+        pipe.set_progress_bar_config(disable=True)
+        for _ in range(1 + params.warmup):  # the compile, then the slow first calls after it
+            helpers.generate(pipe, params)
+        calls[FULL if arm == "full" else arm] = lambda pipe=pipe: helpers.generate(pipe, params)
+    result = in_turns(calls, rounds)
+    for name, line in result["lines"].items():
+        print(f"{name}, in turns: {line}")
+    return result
+
+
+def in_turns(calls, rounds):
+    """Time each of `calls` ({name: fn}) once per round, the order reversed every other round, so that a drift of
+    the machine's speed falls on all of them alike; each name's samples, median and IQR, and the ratio of each
+    round's time to the first call's of the same round (the full compile's, where it runs), median and IQR."""
+    samples = {name: [] for name in calls}
+    order = list(calls)
+    for number in range(rounds):
+        for name in order if number % 2 == 0 else order[::-1]:
+            synchronize()
+            start = time.perf_counter()
+            calls[name]()
+            synchronize()
+            samples[name].append(time.perf_counter() - start)
+    reference = samples[order[0]]
+    result = {"rounds": rounds, "reference": order[0], "arms": {}, "lines": {}}
+    for name, times in samples.items():
+        ratios = [t / r for t, r in zip(times, reference)]
+        q1, median, q3 = np.percentile(times, [25, 50, 75])
+        r1, ratio, r3 = np.percentile(ratios, [25, 50, 75])
+        result["arms"][name] = {"samples_s": times, "median_s": median, "iqr_s": q3 - q1, "ratio": ratio,
+                                "ratio_iqr": r3 - r1}
+        against = "" if name == order[0] else (f", {100 * (ratio - 1):+.1f}% against {order[0]} round by round "
+                                                  f"(IQR of the ratios {100 * (r3 - r1):.1f} points)")
+        result["lines"][name] = f"{median:.3f} s (IQR {q3 - q1:.3f} s, {rounds} rounds){against}"
+    return result
 
 
 def record_baseline(params):
@@ -91,13 +147,13 @@ def record_baseline(params):
     return once.output
 
 
-def write(out, params, device, arms):
+def write(out, params, device, arms, alternated=None):
     """The table printed, regions.png and regions.json in `out`."""
     table = regions_table(arms, params)
     draw_regions(arms, out / "regions.png")
     print(table)
     (out / "regions.json").write_text(json.dumps({"params": params.to_dict(), "device": device, "arms": arms,
-                                                  "table": table}, indent=1))
+                                                  "table": table, "in_turns": alternated}, indent=1))
     print(f"{out / 'regions.json'}, {out / 'regions.png'}")
 
 

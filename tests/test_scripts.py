@@ -239,3 +239,24 @@ def test_region_arms_run_in_separate_sessions_merge_into_one_table_and_chart(tmp
     assert compare_regions.main(["--merge", *map(str, files), "--out", str(tmp_path / "refused")]) == 2
     assert capsys.readouterr().err.strip().endswith("merge only runs of the same command on the same device.")
     assert not (tmp_path / "refused").exists()
+
+
+def test_arms_timed_in_turns_share_the_machines_drift(monkeypatch):
+    """compare_regions.py --alternate: one call of each arm per round, the order reversed every other round, and the
+    ratio to the reference arm taken round by round, so that a machine slowing down mid-run cancels out."""
+    compare_regions = load_compare_regions()
+    ran, clock = [], [0.0]
+    monkeypatch.setattr(compare_regions.time, "perf_counter", lambda: clock[0])
+
+    def arm(name, seconds):
+        def call():
+            ran.append(name)
+            clock[0] += seconds * (1 + (len(ran) - 1) // 2)  # every round slower than the one before
+        return call
+
+    result = compare_regions.in_turns({"full": arm("full", 1.0), "blocks": arm("blocks", 1.1)}, rounds=4)
+    assert ran == ["full", "blocks", "blocks", "full", "full", "blocks", "blocks", "full"]
+    assert result["arms"]["full"]["ratio"] == 1 and result["arms"]["blocks"]["ratio"] == pytest.approx(1.1)
+    assert result["arms"]["blocks"]["median_s"] > 2 * 1.1  # the drift is in the times, not in their ratios
+    assert result["lines"]["blocks"].endswith("against full round by round (IQR of the ratios "
+                                              f"{100 * result['arms']['blocks']['ratio_iqr']:.1f} points)")
