@@ -94,9 +94,9 @@ def draw_regions(arms, path=None):
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axis = figure.add_subplot()
     for name, record in arms.items():
+        full = record["compile"] == "full"
         axis.errorbar(record["first_call_s"], record["median_s"], yerr=record["iqr_s"] / 2, capsize=3,
-                      marker="s" if record["compile"] == "full" else "o",
-                      color="black" if record["compile"] == "full" else None, label=name)
+                      marker="s" if full else "o", color="black" if full else None, label=name)
     axis.set_xlabel("first call: a cold compile and one image (s)")
     axis.set_ylabel("steady median per image (s), bars: IQR")
     axis.set_xlim(left=0)

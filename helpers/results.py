@@ -158,7 +158,7 @@ def load_records(out_dir, quiet=False, problem=None):
     records, damage = read_records_file(path)
     if damage and not quiet:
         print(f"Warning: {path} {damage}: using those, and leaving the file as it is.")
-    return usable_records(records, path, quiet, problem or record_problem)
+    return usable_records(records, path, quiet, problem)
 
 
 def usable_records(records, where="these records", quiet=False, problem=None):

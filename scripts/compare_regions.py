@@ -33,7 +33,7 @@ from helpers.coldstart import describe_start, time_start
 from helpers.coldstart_charts import draw_regions, regions_table
 from helpers.machine import device_name
 from helpers.params import COMPILE_MODES, Params
-from helpers.regions import DEFAULT_REGIONS, REGIONS
+from helpers.regions import REGIONS
 from helpers.timing import synchronize
 
 FULL = "full compile (06)"
@@ -79,11 +79,10 @@ def main(argv=None):
     baseline = record_baseline(params)
     helpers.free_memory()  # the baseline's pipeline is gone: the arms' processes get the GPU's memory
     arms = {}
-    for arm in (arm for arm in ARMS if arm in args.arms):  # the full compile first, the reference of the others
-        name, full = (FULL, True) if arm == "full" else (arm, False)
+    for arm, name, step, regions in planned(args.arms):
         # Each arm's log, last image and Inductor cache folder stay in DIR/arms/<arm>/, for a look after.
-        result = time_start("cold", params, out / "arms" / arm, compile="full" if full else "regional",
-                            step="06" if full else "07", regions=None if full else arm)
+        result = time_start("cold", params, out / "arms" / arm, compile="regional" if regions else "full", step=step,
+                            regions=regions)
         ssim = helpers.quality(Image.open(result["image"]), baseline)["ssim"]  # kept: the image may not be
         arms[name] = {**result, "params": params.to_dict(), "ssim": ssim}
         print(f"{name}: {describe_start(result)}", flush=True)
@@ -92,20 +91,25 @@ def main(argv=None):
     return 0
 
 
+def planned(arms):
+    """(arm, its name in the table, its step, its choice of regions or None) for each of `arms`, in ARMS's order: the
+    full compile first, the reference of the others."""
+    return [(arm, FULL, "06", None) if arm == "full" else (arm, arm, "07", arm) for arm in ARMS if arm in arms]
+
+
 def alternate(params, arms, rounds):
     """Each arm's pipeline built and compiled in this process, warmed up, then timed one image at a time in turns."""
     from helpers.ladder import build_pipeline
     from helpers.steps import get_step
 
     calls = {}
-    for arm in (arm for arm in ARMS if arm in arms):
-        step, regions = ("06", DEFAULT_REGIONS) if arm == "full" else ("07", arm)  # 06 compiles no regions
+    for _, name, step, regions in planned(arms):
         pipe = build_pipeline(params.model, get_step(step).settings, compile_mode=params.compile_mode,
-                              verbose=False, regions=regions)
+                              verbose=False, regions=regions)  # regions: step 06's full compile has none
         pipe.set_progress_bar_config(disable=True)
         for _ in range(1 + params.warmup):  # the compile, then the slow first calls after it
             helpers.generate(pipe, params)
-        calls[FULL if arm == "full" else arm] = lambda pipe=pipe: helpers.generate(pipe, params)
+        calls[name] = lambda pipe=pipe: helpers.generate(pipe, params)
     result = in_turns(calls, rounds)
     for name, line in result["lines"].items():
         print(f"{name}, in turns: {line}")
@@ -160,17 +164,17 @@ def write(out, params, device, arms, alternated=None):
 def merged(paths):
     """(params, device, arms) of several regions.json files, the full compile first; a later file's arm replaces an
     earlier one of the same name. One sentence (ValueError) where they differ in parameters or device."""
+    def measured_by(data):  # what must match: the parameters but the output folder (each run has its own), the device
+        return {key: value for key, value in data["params"].items() if key != "out_dir"}, data["device"]
+
     files = [json.loads(Path(path).read_text()) for path in paths]
     first = files[0]
     for path, data in zip(paths, files):
-        ignored = ("out_dir",)  # each run writes its own folder
-        same = {k: v for k, v in data["params"].items() if k not in ignored} == {
-            k: v for k, v in first["params"].items() if k not in ignored}
-        if not same or data["device"] != first["device"]:
+        if measured_by(data) != measured_by(first):
             raise ValueError(f"{path} was measured with other parameters or on another device than {paths[0]}: "
                              "merge only runs of the same command on the same device.")
     arms = {name: arm for data in files for name, arm in data["arms"].items()}
-    order = [FULL, *REGIONS]
+    order = [name for _, name, _, _ in planned(ARMS)]
     return (Params(**first["params"]), first["device"],
             dict(sorted(arms.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))))
 

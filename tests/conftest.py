@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,6 +31,14 @@ def pytest_collection_modifyitems(items):
                 or SLOW_FIXTURES & set(item.fixturenames)):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: "series" in item.fixturenames)  # a stable sort: the order is otherwise kept
+
+
+def load_script(name):
+    """scripts/<name>.py as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def notebook_cells(notebook, tag):

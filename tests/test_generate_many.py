@@ -1,6 +1,5 @@
 """scripts/generate_many.py (prompts spread over processes): two CPU processes over gloo, the tiny model."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 SCRIPT_ARGS = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "1", "--no-compile"]
 PROMPTS = ["a red fox", "a blue whale", "an owl at night", "a green frog", "a yellow cab", "a paper boat", "a kite"]
@@ -53,10 +52,7 @@ def part_lines(out):
 @pytest.fixture(scope="module")
 def script():
     """The script as a module, to call its main() in this process."""
-    spec = importlib.util.spec_from_file_location("generate_many", ROOT / "scripts" / "generate_many.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("generate_many")
 
 
 @pytest.fixture(scope="module")

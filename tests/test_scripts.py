@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 import helpers
 import helpers.__main__ as cli
@@ -66,17 +65,10 @@ def test_gpu_check_runs_end_to_end_in_its_cpu_form(tmp_path):
     assert "check" in (out / "check.txt").read_text()
 
 
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("cuda, extra, total", [(True, [], 330), (True, ["--within-s", "301"], 301),
                                                 (False, [], 170), (False, ["--budget-s", "7"], 7)])
 def test_the_gpu_checks_limits_add_up_to_its_budget(monkeypatch, cuda, extra, total):
-    gpu_check = load_gpu_check()
+    gpu_check = load_script("gpu_check")
     monkeypatch.setattr(gpu_check, "CUDA", cuda)
     limits = dict(gpu_check.plan(gpu_check.parse_args(["--out", "x", *extra])))
     assert sum(limits.values()) == total
@@ -85,7 +77,7 @@ def test_the_gpu_checks_limits_add_up_to_its_budget(monkeypatch, cuda, extra, to
 
 
 def test_a_child_that_ignores_sigterm_is_killed_within_its_limit(tmp_path):
-    gpu_check = load_gpu_check()
+    gpu_check = load_script("gpu_check")
     checks = gpu_check.Checks(None, tmp_path)
     start = time.monotonic()
     code, seconds = checks.limited(["bash", "-c", "trap '' TERM; echo started; sleep 60"], tmp_path / "log", 3)
@@ -132,7 +124,7 @@ def test_the_reference_run_plans_its_slices_and_runs_nothing(tmp_path):
         ("regions-full", "regions", "full"), ("regions-blocks", "regions", "blocks"),
         ("regions-resnets", "regions", "attention+resnets"),
         ("regions-samplers", "regions", "attention+resnets+samplers")]
-    assert load_compare_regions().parse_args(["--out", "x", "--arms", *[row[-1] for row in arms]]).arms == [
+    assert load_script("compare_regions").parse_args(["--out", "x", "--arms", *[row[-1] for row in arms]]).arms == [
         "full", "blocks", "attention+resnets", "attention+resnets+samplers"]
     for slice_ in ("10", "everything"):
         refused = subprocess.run(["bash", "scripts/gpu_reference.sh", "--slice", slice_], capture_output=True,
@@ -151,7 +143,7 @@ def test_the_first_regional_check_answers_whether_pytorch_152887_hits(monkeypatc
     import helpers
     from helpers import regions
 
-    gpu_check = load_gpu_check()
+    gpu_check = load_script("gpu_check")
     args = gpu_check.parse_args(["--out", "x", "--model", "tiny", "--size", "64", "--steps", "1"])
     monkeypatch.setattr(helpers, "compile_regions", lambda pipe, mode: setattr(pipe.vae, "decode", pipe.vae.decode))
     monkeypatch.setattr(regions, "cudagraph_fallbacks", ["an earlier pipeline's fallback"])
@@ -178,7 +170,7 @@ def test_the_regional_check_runs_on_the_cpu_with_its_compile_left_out(monkeypatc
     attention probe, the record of the blocks and the clean-up."""
     import helpers
 
-    gpu_check = load_gpu_check()
+    gpu_check = load_script("gpu_check")
     args = gpu_check.parse_args(["--out", "x", "--model", "tiny", "--size", "64", "--steps", "1"])
     monkeypatch.setattr(helpers, "compile_regions", lambda pipe, mode: setattr(pipe.vae, "decode", pipe.vae.decode))
     threads = torch.get_num_threads()
@@ -195,23 +187,16 @@ def test_the_regional_check_runs_on_the_cpu_with_its_compile_left_out(monkeypatc
 
 
 def test_the_int8_check_finds_the_int8_matmul_on_the_cpu():
-    gpu_check = load_gpu_check()
+    gpu_check = load_script("gpu_check")
     found = gpu_check.int8_path(gpu_check.parse_args(["--out", "x"]))
     assert found["eager"]["int_mm"] == ["aten::_int_mm"] and found["eager"]["relative_error"] < 0.05
     assert found["compiled"].startswith("n/a on a CPU")
 
 
-def load_compare_regions():
-    spec = importlib.util.spec_from_file_location("compare_regions", ROOT / "scripts" / "compare_regions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_region_arms_run_in_separate_sessions_merge_into_one_table_and_chart(tmp_path, capsys):
     """Arms measured in separate runs (a GPU lent for minutes at a time) make one table and chart, the full compile
     first; runs with other parameters are refused in one sentence. The arms here are records as a run writes them."""
-    compare_regions = load_compare_regions()
+    compare_regions = load_script("compare_regions")
     params = helpers.Params(model="tiny", height=64, width=64, steps=2, compile_mode="default")
     arm = {"way": "cold", "compile_mode": "default", "graphs": 2, "iqr_s": 0.002, "recompile_limit_hits": 0,
            "device": "CPU", "ssim": 0.999}
@@ -244,7 +229,7 @@ def test_region_arms_run_in_separate_sessions_merge_into_one_table_and_chart(tmp
 def test_arms_timed_in_turns_share_the_machines_drift(monkeypatch):
     """compare_regions.py --alternate: one call of each arm per round, the order reversed every other round, and the
     ratio to the reference arm taken round by round, so that a machine slowing down mid-run cancels out."""
-    compare_regions = load_compare_regions()
+    compare_regions = load_script("compare_regions")
     ran, clock = [], [0.0]
     monkeypatch.setattr(compare_regions.time, "perf_counter", lambda: clock[0])
 
