@@ -37,7 +37,8 @@ def device_name(device=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.machine()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def driver_version():

@@ -19,6 +19,14 @@ FAKE_HF_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0000"
 SERIES_ARGS = ["--steps", "2", "--height", "96", "--width", "96", "--warmup", "1", "--runs", "3"]
 
 
+# Without a GPU the series runs beside the other tests (`series_in_the_background`), so two or more processes share
+# the cores. Each then runs one thread, as the GPU check's CPU form does: an OpenMP thread whose sibling is descheduled
+# spins while it waits. Three of tests/test_throughput.py's tests beside two busy loops on 2 cores: 39 CPU-seconds
+# with 2 threads, 24 with one. A value set before the tests start is kept.
+if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"  # for every process the tests start
+    torch.set_num_threads(1)  # for this one, whose torch has read the variable already
+
 # Fixtures that take over 15 s here: the series, a compile-cache file made by a compile, a two-process job.
 SLOW_FIXTURES = {"series", "cache_file", "job"}
 
