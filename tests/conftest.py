@@ -25,7 +25,8 @@ SERIES_ARGS = ["--steps", "2", "--height", "96", "--width", "96", "--warmup", "1
 # Without a GPU the series runs beside the other tests (`series_in_the_background`), so two or more processes share
 # the cores. Each then runs one thread, as the GPU check's CPU form does: an OpenMP thread whose sibling is descheduled
 # spins while it waits. Three of tests/test_throughput.py's tests beside two busy loops on 2 cores: 39 CPU-seconds
-# with 2 threads, 24 with one. A value set before the tests start is kept.
+# with 2 threads, 24 with one, 26 with 2 threads and OMP_WAIT_POLICY=PASSIVE (no spinning). A value set before the
+# tests start is kept.
 if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"  # for every process the tests start
     torch.set_num_threads(1)  # for this one, whose torch has read the variable already
@@ -126,21 +127,6 @@ def series_in_the_background(request):
     so, 1969 s one after the other. With a GPU it starts when a test first reads it, and nothing runs beside it."""
     if not torch.cuda.is_available() and any("series" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("series_run")
-        yield_to(request.getfixturevalue("series_run").process.pid)
-    yield
-
-
-def yield_to(series_pid):
-    """The series is the session's longest chain, so the tests beside it take only what it leaves: this process and
-    those it starts from now on run at nice 10 (the series, started before, keeps its priority). Linux gives each
-    thread its own nice value, so every thread of this process gets it."""
-    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]
-    for task in tasks:
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(task), 10)
-        except OSError:  # a thread that ended meanwhile
-            pass
-    assert os.getpriority(os.PRIO_PROCESS, series_pid) < os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @pytest.fixture(scope="session")
