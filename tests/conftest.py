@@ -126,7 +126,20 @@ def series_in_the_background(request):
     and the other tests wait on process starts. From two fresh clones of the same tests on a 2-core machine: 1557 s
     so, 1969 s one after the other. With a GPU it starts when a test first reads it, and nothing runs beside it."""
     if not torch.cuda.is_available() and any("series" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("series_run")
+        yield_to(request.getfixturevalue("series_run").process.pid)
+
+
+def yield_to(series_pid):
+    """The series is the session's longest chain, so the tests beside it take what it leaves: this process, and those
+    it starts from now on, run at nice 10; the series, started before, keeps its priority. Linux gives each thread a
+    nice value of its own, so every thread of this process gets it. In two fresh-clone runs on 2 cores, the series'
+    notebooks took 903 s with this and 1033 s without."""
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(task), 10)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    assert os.getpriority(os.PRIO_PROCESS, series_pid) < os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @pytest.fixture(scope="session")
