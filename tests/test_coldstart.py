@@ -1,8 +1,6 @@
-"""Cold start: the compile-cache file (made, refused, used), the AOTInductor package, and appendix 08 run headless."""
+"""Cold start: the compile-cache file (made, refused, used), the AOTInductor package, and appendix 08 in the series."""
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -23,7 +21,7 @@ SMALL = dict(model="tiny", height=64, width=64, steps=2, compile_mode="default")
 # Run in a fresh process with an empty Inductor cache folder: compiles a small function and saves the compile-cache
 # file (the tiny pipeline gives the architecture); prints what Inductor's counters say about its first call. That a
 # file like it makes the first call warm is shown through the runner (`test_warm_then_a_run_starts_warm_from_the_file`)
-# and by notebook 08's "file" start in the appendix run.
+# and by notebook 08's "file" start in the series.
 SAVE_SCRIPT = """
 import json, sys
 import torch
@@ -313,10 +311,10 @@ def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
 
 
 @pytest.mark.notebooks
-def test_08s_unet_package_holds_no_weights_and_makes_the_eager_image(appendix, tiny_folder, tmp_path):
-    """The UNet package that appendix 08 built (exported and compiled ahead of time without its weights), run by a
-    new pipeline in its UNet's place with that UNet's own weights: the eager pipeline's image."""
-    out, _ = appendix
+def test_08s_unet_package_holds_no_weights_and_makes_the_eager_image(series, tiny_folder, tmp_path):
+    """The UNet package that appendix 08 built in the series (exported and compiled ahead of time without its
+    weights), run by a new pipeline in its UNet's place with that UNet's own weights: the eager pipeline's image."""
+    out, _, _ = series
     package = out / coldstart.COLD_START_DIR / "unet.pt2"
     params = helpers.Params(model=str(tiny_folder), height=96, width=96, steps=2, out_dir=str(tmp_path))
     pipe = helpers.build(params.model, through="03", compile=False, verbose=False)
@@ -335,11 +333,11 @@ def test_08s_unet_package_holds_no_weights_and_makes_the_eager_image(appendix, t
 
 
 @pytest.mark.notebooks
-def test_the_cold_start_appendix_measures_every_start(appendix):
-    out, log = appendix
+def test_the_cold_start_appendix_measures_every_start(series):
+    out, _, log = series
     records = json.loads((out / coldstart.COLD_START_DIR / "results.json").read_text())
     cold = [r for r in records if r["way"] == "cold" and r["compile"] == "full"]
-    assert [r["compile_mode"] for r in cold] == ["max-autotune"]  # the run sets COMPILE_MODES to the course's
+    assert [r["compile_mode"] for r in cold] == ["max-autotune"]  # the series sets COMPILE_MODES to the course's
     for record in cold:
         assert record["first_call"] == "cold" and record["fx_graph_cache"]["hits"] == 0
         assert record["to_first_image_s"] > record["first_call_s"] > record["median_s"] > 0
@@ -350,7 +348,7 @@ def test_the_cold_start_appendix_measures_every_start(appendix):
     assert by_way["package"]["steady_caveat"] == coldstart.PACKAGE_STEADY_CAVEAT and not by_way["file"]["steady_caveat"]
     # Part 3: each choice of regions started cold, compiling what it names and nothing more after its first call.
     regional = {r["regions"]: r for r in records if r["compile"] == "regional"}
-    assert list(regional) == ["blocks"]  # the run's REGION_CHOICES
+    assert list(regional) == ["blocks"]  # the series' REGION_CHOICES
     for record in regional.values():
         assert record["first_call"] == "cold" and record["step"] == "04"
         assert record["graphs"] > 0 and record["graphs_later"] == 0 and record["recompile_limit_hits"] == 0
@@ -369,25 +367,6 @@ def test_the_cold_start_appendix_measures_every_start(appendix):
     assert "save_cache_artifacts() in this kernel, which has compiled nothing: None" in printed
     manifest = compile_cache.read_manifest(folder / "compile-cache.zip")
     assert f"load_cache_artifacts() put into this kernel's caches: {manifest['artifacts']}" in printed
-    # Its folder holds no results of notebooks 06 and 07: the comparison with them says how to get them.
-    assert "Run notebooks 06 and 07 with these parameters to compare" in printed
-
-
-@pytest.mark.notebooks
-def test_08_compares_the_full_and_regional_compiles_that_06_and_07_recorded(series):
-    """08's comparison cell, run on the series' folder, where 06 and 07 recorded their results with the parameters
-    that the appendix ran with."""
-    out, records, _ = series
-    (cell,) = [c.source for c in nbformat.read(NOTEBOOKS / "08_cold_start.ipynb", as_version=4).cells
-               if "comparable_record" in c.source]
-    full, regional = (next(r for r in records if r["step"] == step) for step in ("06", "07"))
-    params = helpers.Params(**{**full["params"], "out_dir": str(out)})
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(cell, {"helpers": helpers, "params": params})
-    assert printed.getvalue() == (
-        f"notebooks 06 (full) and 07 (regional), int8 included: first call {full['first_call_s']:.1f} s against "
-        f"{regional['first_call_s']:.1f} s, steady {full['median_s']:.3f} s against {regional['median_s']:.3f} s\n")
 
 
 def test_the_appendix_parameters_cell_is_the_courses_plus_the_modes():

@@ -37,11 +37,6 @@ def kernel(folder, value):
     return path
 
 
-def outputs(cache):
-    """The compiled outputs that `cache` keeps (beside them: one lock file per compile)."""
-    return [p for p in cache.iterdir() if p.suffix != ".lock"] if cache.exists() else []
-
-
 def test_the_same_compile_in_another_folder_is_a_copy(compile_with_cache, tmp_path):
     run, calls = compile_with_cache
     first, second = kernel(tmp_path / "a", 42), kernel(tmp_path / "b", 42)
@@ -59,7 +54,7 @@ def test_other_text_or_other_flags_compile_again(compile_with_cache, tmp_path):
     run(source, "-shared", "-fPIC", "-O3", "-o", tmp_path / "two.so")
     other = kernel(tmp_path / "b", 2)
     run(other, "-shared", "-fPIC", "-O2", "-o", tmp_path / "three.so")
-    assert len(calls()) == 3 and len(outputs(tmp_path / "cache")) == 3
+    assert len(calls()) == 3 and len(os.listdir(tmp_path / "cache")) == 3
 
 
 def test_a_failed_compile_keeps_its_status_and_is_not_kept(compile_with_cache, tmp_path):
@@ -69,7 +64,7 @@ def test_a_failed_compile_keeps_its_status_and_is_not_kept(compile_with_cache, t
     for _ in range(2):
         done = run(broken, "-shared", "-fPIC", "-o", tmp_path / "broken.so")
         assert done.returncode != 0 and "error" in done.stderr
-    assert len(calls()) == 2 and not outputs(tmp_path / "cache")
+    assert len(calls()) == 2 and not (tmp_path / "cache").exists()
 
 
 def test_what_is_not_one_source_into_one_output_reaches_the_compiler(compile_with_cache, tmp_path):
@@ -80,20 +75,6 @@ def test_what_is_not_one_source_into_one_output_reaches_the_compiler(compile_wit
         assert run("--version").returncode == 0
     assert len(calls()) == 4 and not (tmp_path / "cache").exists()
 
-
-def test_the_same_compile_started_twice_at_once_runs_once(tmp_path):
-    """The second of two identical compiles waits for the first, then copies its output."""
-    log = tmp_path / "calls.log"
-    slow = tmp_path / "real-g++"  # a compiler that takes a second: the two calls overlap
-    slow.write_text(f'#!/bin/sh\necho "$*" >> {log}\nsleep 1\nexec {shutil.which("g++")} "$@"\n')
-    slow.chmod(0o755)
-    env = {**os.environ, "CXX_CACHE_REAL": str(slow), "CXX_CACHE_DIR": str(tmp_path / "cache")}
-    sources = [kernel(tmp_path / folder, 5) for folder in ("a", "b")]
-    started = [subprocess.Popen([str(WRAPPER), s, "-shared", "-fPIC", "-o", s.with_suffix(".so")], env=env)
-               for s in sources]
-    assert [p.wait() for p in started] == [0, 0]
-    assert len(log.read_text().splitlines()) == 1
-    assert sources[0].with_suffix(".so").read_bytes() == sources[1].with_suffix(".so").read_bytes()
 
 
 def test_inductor_compiles_this_sessions_kernels_with_it():
