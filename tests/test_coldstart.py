@@ -21,15 +21,15 @@ SMALL = dict(model="tiny", height=64, width=64, steps=2, compile_mode="default")
 # Run in a fresh process with an empty Inductor cache folder: compiles a small function and saves the compile-cache
 # file (the tiny pipeline gives the architecture); prints what Inductor's counters say about its first call. That a
 # file like it makes the first call warm is shown through the runner (`test_warm_then_a_run_starts_warm_from_the_file`)
-# and by notebook 08's "file" start in the series.
+# and by notebook 08's "file" start in the series. Its parameters are SMALL, given as JSON in its second argument.
 SAVE_SCRIPT = """
 import json, sys
 import torch
 import helpers
 from helpers import compile_cache
 
-params = helpers.Params(model="tiny", height=64, width=64, steps=2, compile_mode="default")
-pipe = helpers.build("tiny", through="03", verbose=False)
+params = helpers.Params(**json.loads(sys.argv[2]))
+pipe = helpers.build(params.model, through="03", verbose=False)
 square = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T) + 1, mode="default")
 square(torch.randn(16, 16))
 compile_cache.save_compile_cache(sys.argv[1], params, pipe, ["04", "05"])
@@ -42,8 +42,8 @@ def cache_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compile-cache")
     path = folder / "room.zip"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
-    done = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(path)], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(path), json.dumps(SMALL)], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["first_call"] == "cold"
     return path

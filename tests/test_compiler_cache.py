@@ -76,7 +76,6 @@ def test_what_is_not_one_source_into_one_output_reaches_the_compiler(compile_wit
     assert len(calls()) == 4 and not (tmp_path / "cache").exists()
 
 
-
 def test_inductor_compiles_this_sessions_kernels_with_it():
     """conftest.py made the wrapper the compiler of this process and of those it starts, before Inductor read it."""
     from torch._inductor.cpp_builder import get_cpp_compiler
