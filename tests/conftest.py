@@ -19,7 +19,8 @@ NOTEBOOKS = ROOT / "notebooks"
 # A fake token: the tests check that it never reaches an output.
 FAKE_HF_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0000"
 # Small enough for a 2-core CPU: the tiny model at 96x96, 2 denoising steps (the model is added by `series`).
-SERIES_ARGS = ["--steps", "2", "--height", "96", "--width", "96", "--warmup", "1", "--runs", "3"]
+SERIES_SIZE = ["--height", "96", "--width", "96"]
+SERIES_ARGS = ["--steps", "2", *SERIES_SIZE, "--warmup", "1", "--runs", "3"]
 
 
 # Without a GPU the series runs beside the other tests (`series_in_the_background`), so two or more processes share

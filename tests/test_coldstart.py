@@ -10,7 +10,7 @@ import zipfile
 import nbformat
 import pytest
 import torch
-from conftest import NOTEBOOKS, ROOT
+from conftest import NOTEBOOKS, ROOT, SERIES_SIZE
 from PIL import Image
 
 import helpers
@@ -287,8 +287,10 @@ def test_the_runner_runs_the_appendix_when_named():
 def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
     """`python -m helpers warm` on the tiny model, then the runner's notebook 07 (its regional compile, the cheapest
     step to warm; without its optional sections, which compile other shapes) with --compile-cache, each in a fresh
-    Inductor cache folder: the record says the first call was warm, from the file."""
-    size = ["--model", "tiny", "--height", "64", "--width", "64", "--compile-mode", "default"]
+    Inductor cache folder: the record says the first call was warm, from the file. At the series' size in the course's
+    compile mode, the warm-up compiles the C++ kernels of the series' notebook 07, which then finds them in the
+    session's compiler cache (tests/compiler_cache/g++)."""
+    size = ["--model", "tiny", *SERIES_SIZE]
     file = tmp_path / "room.zip"
     done = run_helpers("warm", *size, "--only", "07", "--out", str(file), "--no-progress",
                        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "instructor")})
