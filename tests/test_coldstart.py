@@ -288,9 +288,8 @@ def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
     """`python -m helpers warm` on the tiny model, then the runner's notebook 07 (its regional compile, the cheapest
     step to warm; without its optional sections, which compile other shapes) with --compile-cache, each in a fresh
     Inductor cache folder: the record says the first call was warm, from the file. At the series' size in the course's
-    compile mode, the warm-up compiles the C++ kernels of the series' notebook 07, which then finds them in the
-    session's compiler cache (tests/compiler_cache/g++)."""
-    size = ["--model", "tiny", *SERIES_SIZE]
+    compile mode: the series' notebook 07 compiles the same C++ kernels, and finds them compiled."""
+    size = ["--model", "tiny", "--height", str(SERIES_SIZE), "--width", str(SERIES_SIZE)]
     file = tmp_path / "room.zip"
     done = run_helpers("warm", *size, "--only", "07", "--out", str(file), "--no-progress",
                        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "instructor")})

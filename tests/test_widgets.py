@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import SERIES_SIZE
 from PIL import Image
 
 import helpers
@@ -212,16 +213,16 @@ def test_a_released_panel_without_a_step_says_what_to_do(pipe, params):
 
 
 # Regional only: a whole-UNet compile takes minutes on a CPU. The notebook series frees whole-compiled pipelines
-# (notebooks 04 to 06) and checks their release lines (tests/test_notebooks.py).
+# (notebooks 04 to 06) and checks their release lines (tests/test_notebooks.py). At the series' size in the course's
+# compile mode: its C++ kernels are those that the series' notebook 04 compiles.
 @pytest.mark.slow
 @pytest.mark.parametrize("compile_kind", ["regional"])
 def test_a_compiled_pipeline_is_gone_once_the_next_one_is_built(params, compile_kind):
     from diffusers.models.attention import BasicTransformerBlock
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    panel = flags_panel(params)
+    panel = flags_panel(dataclasses.replace(params, height=SERIES_SIZE, width=SERIES_SIZE))
     panel.compile.value = compile_kind
-    panel.compile_mode.value = "default"
     panel.button.click()
     assert panel.message.value == "" and helpers.pipeline_state(panel.pipe)["compiled"]
     previous = weakref.ref(panel.pipe)
