@@ -82,43 +82,89 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-class SeriesRun:
-    """The runner executing the series in a process of its own, its output going to `runner.log` beside `out`."""
+# Started with the series: waits until the run in process argv[2] has recorded step argv[3] in the results file argv[1]
+# (or has ended), then becomes the runner with the arguments that follow.
+START_AFTER_STEP = """
+import json, os, sys, time
+import psutil
+results, pid, step, *runner = sys.argv[1:]
 
-    def __init__(self, out, tiny_folder, cache):
-        self.out, self.log = out, out.parent / "runner.log"
+def recorded():
+    try:
+        return any(record.get("step") == step for record in json.loads(open(results).read()))
+    except (OSError, ValueError):
+        return False
+
+while not recorded():
+    try:
+        if psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE:
+            sys.exit(f"the run ended before step {step} was recorded")
+    except psutil.NoSuchProcess:
+        sys.exit(f"the run ended before step {step} was recorded")
+    time.sleep(1)
+os.execv(sys.executable, [sys.executable, "-m", "helpers", "run", *runner])
+"""
+
+
+class SeriesRun:
+    """The runner executing the series in a process of its own, its output going to `runner.log` beside `out`.
+    Without a GPU, appendix 08 runs in a second runner into the same folder (runs may share one), its output going to
+    `appendix.log`: it starts once step 06 is recorded, so that it runs beside notebook 07 and the other tests, not
+    after them with one core left idle, and its starts find the C++ kernels of step 04 compiled. Its comparison with
+    notebooks 06 and 07 still finds their records: 07 records its step in its first minute, and 08 reaches the
+    comparison after its cold starts (test_notebooks checks that it printed it)."""
+
+    def __init__(self, out, tiny_folder, cache, appendix_beside=True):
+        self.out, self.logs = out, [out.parent / "runner.log"]
         env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "helpers", "run", "--out", str(out), "--no-progress", "--inductor-cache",
-                 str(cache), "--model", str(tiny_folder), "--only", "01-08", "--set", 'COMPILE_MODES=["max-autotune"]',
-                 "--set", 'REGION_CHOICES=["blocks"]', *SERIES_ARGS],
-                stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        common = ["--out", str(out), "--no-progress", "--inductor-cache", str(cache), "--model", str(tiny_folder),
+                  *SERIES_ARGS]
+        appendix = ["--only", "08", "--set", 'COMPILE_MODES=["max-autotune"]', "--set", 'REGION_CHOICES=["blocks"]']
+        self.processes = []
+        with open(self.logs[0], "w") as log:
+            only = ["--only", "01-07"] if appendix_beside else ["--only", "01-08", *appendix[2:]]
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "helpers", "run", *common, *only],
+                stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
+        if appendix_beside:
+            self.logs.append(out.parent / "appendix.log")
+            with open(self.logs[1], "w") as log:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-c", START_AFTER_STEP, str(out / "results.json"), str(self.process.pid), "06",
+                     *common, *appendix],
+                    stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
+
+    @property
+    def process(self):
+        """The runner of the seven steps."""
+        return self.processes[0]
 
     def result(self):
-        """(the output folder, its records, the runner's output) once the run has ended; fails if it failed."""
-        returncode = self.process.wait()
-        printed = self.log.read_text()
-        assert returncode == 0, printed[-8000:]
+        """(the output folder, its records, the runners' output) once the runs have ended; fails if one failed."""
+        returncodes = [process.wait() for process in self.processes]
+        printed = "".join(log.read_text() for log in self.logs)
+        assert returncodes == [0] * len(returncodes), printed[-8000:]
         return self.out, json.loads((self.out / "results.json").read_text()), printed
 
     def stop(self):
-        if self.process.poll() is None:  # the session ended first (a failure under -x, Ctrl-C)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        for process in self.processes:
+            if process.poll() is None:  # the session ended first (a failure under -x, Ctrl-C)
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
 
 
 @pytest.fixture(scope="session")
 def series_run(tmp_path_factory, tiny_folder):
     """The whole course run once headless by the README's main command, on the tiny model loaded from a folder
     by `from_pretrained`: the path users take with SDXL (the model built in memory is `--model tiny`). Appendix 08
-    runs after the seven steps in the course's compile mode only, and with one choice of regions (the other modes and
-    choices are the same code; test_regional checks what each choice compiles)."""
+    runs in the course's compile mode only, and with one choice of regions (the other modes and choices are the same
+    code; test_regional checks what each choice compiles); with a GPU after the seven steps, in the same run."""
     # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
-    run = SeriesRun(tmp_path_factory.mktemp("series"), tiny_folder, tmp_path_factory.mktemp("inductor"))
+    run = SeriesRun(tmp_path_factory.mktemp("series"), tiny_folder, tmp_path_factory.mktemp("inductor"),
+                    appendix_beside=not torch.cuda.is_available())
     yield run
     run.stop()
 

@@ -366,6 +366,7 @@ def test_the_cold_start_appendix_measures_every_start(series):
     printed = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"
                       for o in c.get("outputs", []))
     assert "save_cache_artifacts() in this kernel, which has compiled nothing: None" in printed
+    assert "notebooks 06 (full) and 07 (regional), int8 included: first call" in printed  # found their records
     manifest = compile_cache.read_manifest(folder / "compile-cache.zip")
     assert f"load_cache_artifacts() put into this kernel's caches: {manifest['artifacts']}" in printed
 
