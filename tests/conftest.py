@@ -112,17 +112,17 @@ class SeriesRun:
     `appendix.log`: it starts once step 06 is recorded, so that it runs beside notebook 07 and the other tests, not
     after them with one core left idle, and its starts find the C++ kernels of step 04 compiled. Its comparison with
     notebooks 06 and 07 still finds their records: 07 records its step in its first minute, and 08 reaches the
-    comparison after its cold starts (test_notebooks checks that it printed it)."""
+    comparison after its cold starts (test_coldstart checks that it printed it)."""
 
     def __init__(self, out, tiny_folder, cache, appendix_beside=True):
         self.out, self.logs = out, [out.parent / "runner.log"]
         env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
         common = ["--out", str(out), "--no-progress", "--inductor-cache", str(cache), "--model", str(tiny_folder),
                   *SERIES_ARGS]
-        appendix = ["--only", "08", "--set", 'COMPILE_MODES=["max-autotune"]', "--set", 'REGION_CHOICES=["blocks"]']
+        appendix_settings = ["--set", 'COMPILE_MODES=["max-autotune"]', "--set", 'REGION_CHOICES=["blocks"]']
         self.processes = []
         with open(self.logs[0], "w") as log:
-            only = ["--only", "01-07"] if appendix_beside else ["--only", "01-08", *appendix[2:]]
+            only = ["--only", "01-07"] if appendix_beside else ["--only", "01-08", *appendix_settings]
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "helpers", "run", *common, *only],
                 stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
@@ -131,7 +131,7 @@ class SeriesRun:
             with open(self.logs[1], "w") as log:
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-c", START_AFTER_STEP, str(out / "results.json"), str(self.process.pid), "06",
-                     *common, *appendix],
+                     *common, "--only", "08", *appendix_settings],
                     stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
 
     @property
