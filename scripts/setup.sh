@@ -46,5 +46,5 @@ else
 fi
 # papermill starts notebooks with the "python3" kernel: make it this venv's python.
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (sdxl-fast)" >/dev/null
-# diffusers' version from its metadata: importing it would cost every fresh setup 6 s here.
+# diffusers' version from its metadata: with diffusers imported, this line takes 5.9 s here instead of 2.4.
 echo "setup: ready ($(.venv/bin/python -c 'import torch; from importlib.metadata import version; print("torch", torch.__version__, "· diffusers", version("diffusers"), "· CUDA", torch.cuda.is_available())'))"
