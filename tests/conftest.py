@@ -115,24 +115,23 @@ class SeriesRun:
     comparison after its cold starts (test_coldstart checks that it printed it)."""
 
     def __init__(self, out, tiny_folder, cache, appendix_beside=True):
-        self.out, self.logs = out, [out.parent / "runner.log"]
-        env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
+        self.out, self.logs, self.processes = out, [], []
         common = ["--out", str(out), "--no-progress", "--inductor-cache", str(cache), "--model", str(tiny_folder),
                   *SERIES_ARGS]
         appendix_settings = ["--set", 'COMPILE_MODES=["max-autotune"]', "--set", 'REGION_CHOICES=["blocks"]']
-        self.processes = []
-        with open(self.logs[0], "w") as log:
-            only = ["--only", "01-07"] if appendix_beside else ["--only", "01-08", *appendix_settings]
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "helpers", "run", *common, *only],
-                stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
+        only = ["--only", "01-07"] if appendix_beside else ["--only", "01-08", *appendix_settings]
+        self._start("runner.log", ["-m", "helpers", "run", *common, *only])
         if appendix_beside:
-            self.logs.append(out.parent / "appendix.log")
-            with open(self.logs[1], "w") as log:
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-c", START_AFTER_STEP, str(out / "results.json"), str(self.process.pid), "06",
-                     *common, "--only", "08", *appendix_settings],
-                    stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT))
+            self._start("appendix.log", ["-c", START_AFTER_STEP, str(out / "results.json"), str(self.process.pid),
+                                         "06", *common, "--only", "08", *appendix_settings])
+
+    def _start(self, log_name, args):
+        """`python ARGS` in a process of its own, its output going to `log_name` beside the output folder."""
+        self.logs.append(self.out.parent / log_name)
+        env = {**os.environ, "HF_TOKEN": FAKE_HF_TOKEN, "PYTHONUNBUFFERED": "1"}
+        with open(self.logs[-1], "w") as log:
+            self.processes.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                                                   text=True, env=env, cwd=ROOT))
 
     @property
     def process(self):
