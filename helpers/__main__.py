@@ -10,13 +10,12 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .compile_cache import WARMED_STEPS
 from .errors import ModelUnavailable
 from .files import OutputError, write_atomically
 from .kernels import interrupt_name_and_code
 from .params import COMPILE_MODES, Params
 from .runner import RunFailed, RunStopped, run_series
-from .steps import select_steps
+from .steps import WARMED_STEPS, select_steps
 
 
 def _option_type(annotation):

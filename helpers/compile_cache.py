@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 
 from .files import check_writable, environment, write_atomically
 from .machine import device_name, package_versions
-from .steps import STEPS, select_steps
+from .steps import COMPILED_STEPS, WARMED_STEPS, select_steps
 
 FORMAT = 2  # 2: the manifest holds each member's SHA-256
 MANIFEST_NAME = "manifest.json"
@@ -38,8 +38,6 @@ FIELDS = {"format": int, "device": str, "torch": str, "triton": (str, None), "py
           "torchao": (str, None), "dtype": str, "compile_mode": str, "height": int, "width": int, "unet_batch": int,
           "architecture": (str, None), "model": str, "steps": [str], "artifacts": {str: int}, "cpp_kernels": int,
           "made": str, "sha256": {str: str}}
-WARMED_STEPS = "04-07"  # what `python -m helpers warm` compiles unless --only says otherwise
-COMPILED_STEPS = tuple(step.id for step in STEPS if step.settings.compile != "off")
 WARM_COMMAND = "python -m helpers warm --out FILE"
 
 _loaded = {}  # the file use_compile_cache loaded into this process, and its manifest

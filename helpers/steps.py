@@ -59,8 +59,8 @@ STEPS = (
     Step("07", "regional compile", "07_regional_compile.ipynb", None, Settings(True,  True,  True,  True,  "regional")),
 )
 STEP_IDS = tuple(step.id for step in STEPS)
-
-
+COMPILED_STEPS = tuple(step.id for step in STEPS if step.settings.compile != "off")  # what a compile-cache file warms
+WARMED_STEPS = "04-07"  # what `python -m helpers warm` compiles unless --only says otherwise
 
 
 @dataclass(frozen=True)

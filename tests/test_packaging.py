@@ -39,6 +39,17 @@ def test_importing_helpers_changes_no_torch_setting():
     assert out.strip().endswith("True")
 
 
+def test_the_command_line_starts_without_diffusers_or_dynamo():
+    """`python -m helpers` imports diffusers and torch._dynamo only where a command builds or compiles a pipeline:
+    a run's own process, which starts a kernel for each notebook, and a refusal of bad input don't wait for them."""
+    import subprocess
+    import sys
+
+    probe = "import sys, helpers.__main__; print([m for m in ('diffusers', 'torch._dynamo') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_code_is_linted():
     import subprocess
     import sys
