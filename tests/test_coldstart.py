@@ -14,6 +14,7 @@ from conftest import NOTEBOOKS, ROOT, SERIES_SIZE
 from PIL import Image
 
 import helpers
+import helpers.__main__ as cli
 from helpers import coldstart, coldstart_charts, compile_cache
 from helpers.steps import get_step, select_steps
 
@@ -256,22 +257,22 @@ def run_helpers(*args, env=None):
     ({"members": {"artifacts.bin": b"damaged"}}, "64", "04", "room.zip is damaged (artifacts.bin not as saved)"),
     ({}, "64", "06", "room.zip holds the compiled steps 04, 05, not 06"),
 ], ids=["mismatched", "damaged-manifest", "damaged-artifacts", "other-steps"])
-def test_the_runner_refuses_a_file_before_any_notebook_in_one_line(cache_file, tmp_path, rewrite, height, only,
-                                                                    refusal):
+def test_the_runner_refuses_a_file_before_any_notebook_in_one_line(cache_file, tmp_path, capsys, rewrite, height,
+                                                                    only, refusal):
     path = rewritten(cache_file, tmp_path, **rewrite)
-    done = run_helpers("run", "--model", "tiny", "--height", height, "--width", "64", "--compile-mode", "default",
-                       "--only", only, "--compile-cache", str(path), "--out", str(tmp_path / "run"))
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {refusal}")
+    status = cli.main(["run", "--model", "tiny", "--height", height, "--width", "64", "--compile-mode", "default",
+                       "--only", only, "--compile-cache", str(path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err and err.count("\n") == 1, err[-3000:]
+    assert err.startswith(f"error: {refusal}")
     assert not (tmp_path / "run" / "notebooks").exists()
 
 
-@pytest.mark.slow
-def test_warm_refuses_steps_that_compile_nothing(tmp_path):
-    done = run_helpers("warm", "--model", "tiny", "--only", "01-03", "--out", str(tmp_path / "c.zip"))
-    assert done.returncode == 2 and "names no compiled step: choose among 04-07" in done.stderr
-    done = run_helpers("warm", "--model", "tiny", "--out", str(tmp_path))
-    assert done.returncode == 2 and "is a folder: name the file to write" in done.stderr
+def test_warm_refuses_steps_that_compile_nothing(tmp_path, capsys):
+    assert cli.main(["warm", "--model", "tiny", "--only", "01-03", "--out", str(tmp_path / "c.zip")]) == 2
+    assert "names no compiled step: choose among 04-07" in capsys.readouterr().err
+    assert cli.main(["warm", "--model", "tiny", "--out", str(tmp_path)]) == 2
+    assert "is a folder: name the file to write" in capsys.readouterr().err
 
 
 def test_the_runner_runs_the_appendix_when_named():
