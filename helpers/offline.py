@@ -94,9 +94,9 @@ TINY_UNET = dict(
     projection_class_embeddings_input_dim=80,
     norm_num_groups=8,
 )
-# SDXL's VAE at 57 k parameters: its four levels (8x down-sampling) and mid-block attention, one resnet per decoder
-# level and none in the encoder's down blocks, at one width (a block without resnets cannot change it). The decoder is
-# part of every compile of the pipeline, so it is kept as small as SDXL's structure allows.
+# SDXL's VAE shape at 57 k parameters: its four levels (8x down-sampling) and mid-block attention, with one resnet per
+# decoder level (SDXL: three) and none in the encoder's down blocks (SDXL: two), so at one width (a block without
+# resnets cannot change it). Every compile of the pipeline compiles the decoder: it is kept as small as that allows.
 TINY_VAE = dict(SDXL_VAE, block_out_channels=(16, 16, 16, 16), layers_per_block=0, norm_num_groups=8, sample_size=128)
 TINY_TEXT_ENCODER = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
