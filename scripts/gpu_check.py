@@ -187,7 +187,7 @@ def regional(args, mode):
         raise RuntimeError(f"pytorch/pytorch#152887 hits SDXL with torch {torch.__version__}: "
                            f"{str(error).strip().splitlines()[0][:300]}") from None
     found = {
-        "first_call_s": round(measurement.first_call_s, 1),
+        "first_call_s": round(measurement.first_call_s, 3),
         "median_s": round(measurement.median_s, 3),
         "iqr_s": round(measurement.iqr_s, 3),
         "attention": attention,
@@ -437,7 +437,7 @@ class Checks:
         records = load_records(run, quiet=True)  # [] where the runner wrote none
         steps = {r["step"]: {"status": r["status"], "dtype": r["dtype"],
                              "compile": r["params"]["compile_mode"] if r["step"] >= "04" else "eager",
-                             "first_call_s": r["first_call_s"] and round(r["first_call_s"], 1),
+                             "first_call_s": r["first_call_s"] and round(r["first_call_s"], 3),
                              "median_s": r["median_s"] and round(r["median_s"], 3), "note": r["note"]}
                  for r in records}
         if code is None:
