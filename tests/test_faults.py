@@ -188,39 +188,36 @@ def check_records_point_at_their_own_files(out):
 
 
 @pytest.mark.slow
-def test_runs_sharing_a_folder_one_after_the_other_or_at_once_score_as_each_would_alone(tmp_path, started,
+def test_runs_sharing_a_folder_at_once_or_one_after_the_other_score_as_each_would_alone(tmp_path, started,
                                                                                         monkeypatch):
-    """Seed 1 runs 01 and 02 alone in `one_after_the_other`; then seed 0 runs 01 there, and seed 1 runs 02 again: its
-    baseline is still its own 01. Meanwhile seeds 0 and 1 run at once in `at_once`. The runs execute stand-ins for 01
-    and 02 that record as the course's notebooks do, images that the injected parameters decide: what each seed's 02
-    scores alone is its image's quality against its own 01 image."""
-    one_after_the_other, at_once = tmp_path / "one-after-the-other", tmp_path / "at-once"
-    notebooks = tmp_path / "stand-ins"
+    """Seeds 0 and 1 run 01 and 02 at once in one folder; then seed 0 runs 01 there again, and seed 1 runs 02 again:
+    its baseline is still its own 01, not the latest. The runs execute stand-ins for 01 and 02 that record as the
+    course's notebooks do, images that the injected parameters decide: what each seed's 02 scores alone is its image's
+    quality against its own 01 image."""
+    out, notebooks = tmp_path / "shared", tmp_path / "stand-ins"
     notebooks.mkdir()
     stand_in_notebooks(notebooks, {"01_baseline.ipynb": [recording_stand_in("01", "float32")],
                                    "02_bfloat16.ipynb": [recording_stand_in("02", "bfloat16")]})
-    others = [start_run(started, notebooks, at_once, 0), start_run(started, notebooks, at_once, 1)]
-    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
-    for seed, only in ((1, "01,02"), (0, "01"), (1, "02")):  # in this process: one interpreter start each spared
-        argv = ["run", "--out", str(one_after_the_other), "--seed", str(seed), "--only", only, *TINY_RUN]
-        assert cli.main(argv) == 0
-    for process in others:
+    for process in [start_run(started, notebooks, out, 0), start_run(started, notebooks, out, 1)]:
         finish(process)
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    for seed, only in ((0, "01"), (1, "02")):  # in this process: one interpreter start each spared
+        assert cli.main(["run", "--out", str(out), "--seed", str(seed), "--only", only, *TINY_RUN]) == 0
     on_its_own = {seed: quality(stand_in_image("02", seed, 64, 64), stand_in_image("01", seed, 64, 64))
                   for seed in (0, 1)}
     assert on_its_own[0]["psnr_db"] > on_its_own[1]["psnr_db"] + 1  # each seed's 02 has a score of its own
-    shared = [r for folder in (one_after_the_other, at_once) for r in load_records(folder) if r["step"] == "02"]
-    assert len(shared) == 4
-    for record in shared:
+    records = load_records(out)  # oldest first: seed 1's second 02 ran after seed 0's second 01
+    assert sorted((r["step"], r["params"]["seed"]) for r in records[:4]) == [("01", 0), ("01", 1), ("02", 0), ("02", 1)]
+    assert [(r["step"], r["params"]["seed"]) for r in records[4:]] == [("01", 0), ("02", 1)]
+    for record in (r for r in records if r["step"] == "02"):
         expected = on_its_own[record["params"]["seed"]]
         assert record["quality"]["ssim"] == pytest.approx(expected["ssim"], abs=1e-6), record["params"]["seed"]
         assert record["quality"]["psnr_db"] == pytest.approx(expected["psnr_db"], abs=1e-4)
         assert record["quality"]["ssim"] > 0.9  # against another seed's 01, noise against noise, it would be near 0
-    for folder in (one_after_the_other, at_once):
-        check_records_point_at_their_own_files(folder)
-        for record in load_records(folder):  # the image its own notebook drew, at the injected seed and size
-            drawn = stand_in_image(record["step"], record["params"]["seed"], 64, 64)
-            assert np.array_equal(np.asarray(Image.open(folder / record["image"])), np.asarray(drawn)), record
+    check_records_point_at_their_own_files(out)
+    for record in records:  # the image its own notebook drew, at the injected seed and size
+        drawn = stand_in_image(record["step"], record["params"]["seed"], 64, 64)
+        assert np.array_equal(np.asarray(Image.open(out / record["image"])), np.asarray(drawn)), record
 
 
 def test_an_output_folder_that_holds_the_course_notebooks_is_refused(tmp_path, monkeypatch, capsys):
