@@ -23,6 +23,7 @@ from torch._dynamo.utils import counters
 
 from .files import check_writable, environment, write_atomically
 from .machine import device_name, package_versions
+from .memory import reset_compiler
 from .steps import COMPILED_STEPS, WARMED_STEPS, select_steps
 
 FORMAT = 2  # 2: the manifest holds each member's SHA-256
@@ -304,7 +305,7 @@ def _warm(params, out, steps, progress):
         generate(pipe, params)
         print(f"{step.id} {step.title}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
         del pipe
-        torch.compiler.reset()  # this step's compiled code and CUDA graphs go too; the artifacts to save stay
+        reset_compiler()  # this step's compiled code and CUDA graphs go too; the artifacts to save stay
         free_memory()  # one pipeline on the GPU at a time
     manifest = save_compile_cache(out, params, None, [step.id for step in steps], architecture_id=fingerprint)
     size = Path(out).stat().st_size / 1e6

@@ -50,6 +50,20 @@ def live_pipelines():
     return [pipe for pipe in pipelines if pipe.device.type != "meta"]
 
 
+def reset_compiler():
+    """`torch.compiler.reset()`, tried once more where it met a race of torch's own: it resets each backend while
+    iterating over them, and the reset of an Inductor backend compiled with CUDA graphs can import Inductor modules
+    that register another backend as they load (`torch.compiler.disable` at import), so the iteration fails with
+    "dictionary changed size during iteration". The second try finds those modules imported. Seen with torch 2.13
+    where nothing had run Inductor before: `pytest tests/test_regional.py` on its own."""
+    try:
+        torch.compiler.reset()
+    except RuntimeError as error:
+        if "dictionary changed size during iteration" not in str(error):
+            raise
+        torch.compiler.reset()
+
+
 def release(*panels):
     """Drop the pipelines that `panels` hold and all compiled code, free the memory, and say in one line what this
     process still holds.
@@ -59,7 +73,7 @@ def release(*panels):
     """
     for panel in panels:
         panel.release_pipeline()
-    torch.compiler.reset()  # every compiled function of this process, and the CUDA-graph memory pools they hold
+    reset_compiler()  # every compiled function of this process, and the CUDA-graph memory pools they hold
     free_memory()
     alive = len(live_pipelines())
     held = ""

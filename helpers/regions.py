@@ -5,6 +5,8 @@ compiled function was compiled."""
 import torch
 from torch._dynamo.utils import counters
 
+from .memory import reset_compiler
+
 # The UNet's modules that regional compilation may compile, by name of a choice. diffusers marks only the transformer
 # block as repeated (`UNet2DConditionModel._repeated_blocks`); the others compile whole attention layers (their
 # `proj_in`/`proj_out` included, which step 06 quantized), the resnets, and the up- and down-samplers too.
@@ -101,7 +103,7 @@ def call_with_cudagraph_fallback(pipe, call):
                    f"again with {NO_CUDAGRAPHS}, and the record says so.")
         print(message)
         cudagraph_fallbacks.append(message)
-        torch.compiler.reset()  # the failed CUDA-graph trees and their memory pools go with the compiled code
+        reset_compiler()  # the failed CUDA-graph trees and their memory pools go with the compiled code
         pipe.unet.compile_repeated_blocks(mode=NO_CUDAGRAPHS, fullgraph=True, dynamic=options["dynamic"])
         return call()
 

@@ -21,7 +21,7 @@ from .errors import ModelUnavailable
 from .images import describe_quality, generate, image_size, quality, side_by_side
 from .ladder import build, build_pipeline, torchao_problem
 from .machine import device_name
-from .memory import free_memory
+from .memory import free_memory, reset_compiler
 from .models import low_precision_dtype, native_size
 from .params import COMPILE_MODES
 from .recording import baseline_image
@@ -303,7 +303,7 @@ class FlagsPanel:
         notebook's own compiles again at its next call, from Inductor's cache on disk where it has the kernels.
         """
         self.pipe = None
-        torch.compiler.reset()
+        reset_compiler()
         free_memory()
 
     def rebuild(self):

@@ -178,3 +178,23 @@ def test_each_choice_of_regions_compiles_what_it_names_and_runs_nothing_eagerly(
     assert compiled == set(REGIONS[regions])
     raised = "recompile_limit raised from 8 to 20" in capsys.readouterr().out
     assert raised == (regions != "blocks")  # the tiny model's resnets see 10 shapes, its blocks 2
+
+
+def test_the_compiler_reset_is_tried_once_more_where_torch_changed_its_backends_during_it(monkeypatch):
+    """torch's race (helpers.memory.reset_compiler says when it happens): the second try resets; another error is
+    raised as it is."""
+    from helpers import memory
+
+    calls = []
+
+    def reset():
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("dictionary changed size during iteration")
+
+    monkeypatch.setattr(torch.compiler, "reset", reset)
+    memory.reset_compiler()
+    assert calls == [0, 1]
+    monkeypatch.setattr(torch.compiler, "reset", lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        memory.reset_compiler()
