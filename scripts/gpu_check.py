@@ -158,7 +158,7 @@ def int8_path(args):
             names = {event.key for event in prof.key_averages()}
             error = ((output - reference).abs().max() / reference.abs().max()).item()
             found[label] = {"int_mm": sorted(n for n in names if "int_mm" in n)[:3], "relative_error": round(error, 4)}
-    torch.compiler.reset()  # the layer's compiled code stays cached on code that every Linear shares: dropped
+    helpers.memory.reset_compiler()  # the layer's compiled code stays cached on code that every Linear shares: dropped
     if CUDA and not found["eager"]["int_mm"]:
         raise RuntimeError(f"no _int_mm in the eager int8 layer: {found}")
     return found
@@ -170,7 +170,7 @@ def regional(args, mode):
     import helpers
     from helpers import regions
 
-    torch.compiler.reset()  # the code compiled for earlier pipelines would count toward the blocks' recompile limit
+    helpers.memory.reset_compiler()  # earlier pipelines' compiled code would count toward the blocks' recompile limit
     params = helpers.Params(model=args.model, steps=args.steps, height=args.size, width=args.size)
     pipe = helpers.build(args.model, through="05", compile=False, verbose=False)
     helpers.compile_regions(pipe, mode=mode)
@@ -201,7 +201,7 @@ def regional(args, mode):
         found["peak_gb"] = {"steady": round(measurement.peak_memory_gb, 2),
                             "first_call": round(measurement.first_call_peak_memory_gb, 2)}
     pipe = measurement = None
-    torch.compiler.reset()
+    helpers.memory.reset_compiler()
     helpers.free_memory()
     return found
 
