@@ -72,7 +72,7 @@ GRACE_S, WORKER_GRACE_S = 10, 2
 GPU_PLAN = [("environment", 30), ("int8 matmul path", 25), ("flags panel rebuild frees", 25),
             ("load beside a busy GPU", 15), ("regional blocks, max-autotune", 110),
             ("regional blocks, max-autotune-no-cudagraphs", 35), ("notebooks", 90)]
-CPU_PLAN = [("environment", 30), ("flags panel rebuild frees", 20), ("notebooks", 120)]
+CPU_PLAN = [("environment", 20), ("flags panel rebuild frees", 50), ("notebooks", 100)]
 LEFT_OUT_ON_A_CPU = {  # (status, why)
     "int8 matmul path": ("skipped", "within the CPU form's 3 minutes on 2 cores, left to tests/test_scripts.py"),
     "load beside a busy GPU": ("n/a", "n/a without a GPU"),
