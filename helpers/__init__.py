@@ -43,7 +43,7 @@ _EXPORTS = {
     'int8_filter': 'ladder',
     'is_compiled': 'ladder',
     'is_fused': 'ladder',
-    'matmul_autotuning': 'ladder',
+    'matmul_autotuning': 'machine',
     'pipeline_state': 'ladder',
     'quantize_int8': 'ladder',
     'quantized_layers': 'ladder',

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .compile_cache import MUST_MATCH, check_compile_cache, first_call_state, save_compile_cache, use_compile_cache  # noqa: F401  (notebook 08 reads them from here)
-from .machine import device_name
+from .machine import device_name, matmul_autotuning
 from .regions import DEFAULT_REGIONS, REGIONS
 from .timing import measurement_sentence
 
@@ -65,8 +65,6 @@ def unet_inputs(pipe, params):
 def package_unet(pipe, params, path):
     """Export the UNet at `params`' size and compile it ahead of time into the AOTInductor package `path`, without
     its weights (`aot_inductor.package_constants_in_so=False`): `load_unet_package` gives it the pipeline's."""
-    from .ladder import matmul_autotuning
-
     args, kwargs = unet_inputs(pipe, params)
     with torch.no_grad():
         program = torch.export.export(pipe.unet, args, kwargs)

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import offline
 from .models import SDXL_HUB_ID, resolve_model
 
 META = torch.device("meta")
@@ -151,7 +150,7 @@ def _architecture(model):
     if model in ("tiny", "sdxl-random"):
         return model
     folder = Path(model).expanduser()
-    for name, configs in ARCHITECTURES.items():
+    for name, configs in architectures().items():
         if folder.is_dir() and all(_config_matches(folder / part, config) for part, config in configs.items()):
             return name
     raise ValueError(
@@ -160,12 +159,16 @@ def _architecture(model):
     )
 
 
-ARCHITECTURES = {
-    "sdxl-random": {"unet": offline.SDXL_UNET, "vae": offline.SDXL_VAE, "text_encoder": offline.SDXL_TEXT_ENCODER,
-                    "text_encoder_2": offline.SDXL_TEXT_ENCODER_2},
-    "tiny": {"unet": offline.TINY_UNET, "vae": offline.TINY_VAE, "text_encoder": offline.TINY_TEXT_ENCODER,
-             "text_encoder_2": offline.TINY_TEXT_ENCODER_2},
-}
+def architectures():
+    """{offline model: {part: the config its folder's config.json must match}}."""
+    from . import offline  # imports diffusers: only where a count is made, not with `record_step`'s import
+
+    return {
+        "sdxl-random": {"unet": offline.SDXL_UNET, "vae": offline.SDXL_VAE, "text_encoder": offline.SDXL_TEXT_ENCODER,
+                        "text_encoder_2": offline.SDXL_TEXT_ENCODER_2},
+        "tiny": {"unet": offline.TINY_UNET, "vae": offline.TINY_VAE, "text_encoder": offline.TINY_TEXT_ENCODER,
+                 "text_encoder_2": offline.TINY_TEXT_ENCODER_2},
+    }
 
 
 def _config_matches(folder, config):
@@ -184,6 +187,8 @@ def _config_matches(folder, config):
 @lru_cache(maxsize=2)
 def _meta_pipeline(model):
     """The pipeline on the meta device. (On the CPU, SDPA runs a kernel the counter has no rule for: it counts 0.)"""
+    from . import offline
+
     if model == "sdxl-random":
         return offline.sdxl_random_pipeline("meta")
     pipe = offline.tiny_pipeline()

@@ -44,25 +44,6 @@ def set_inductor_flags(flags=INDUCTOR_FLAGS):
         setattr(torch._inductor.config, name, value)
 
 
-def matmul_autotuning(device):
-    """Whether max-autotune benchmarks matmul and convolution kernels on `device`, and why.
-
-    Inductor autotunes them only on GPUs with at least 68 streaming multiprocessors (its `is_big_gpu`): an A100 or
-    H100 does, an L4 (58) or T4 (40) doesn't, and there max-autotune keeps only its other parts (CUDA graphs,
-    pointwise tuning). On a CPU, its matmul templates need `torch._inductor.config.freezing`, which the course
-    leaves off.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return {"autotunes_matmuls": False, "why": "a CPU: Inductor's matmul templates need freezing, left off here"}
-    from torch._inductor.utils import is_big_gpu
-
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    big = is_big_gpu(device)
-    why = f"{sms} streaming multiprocessors; Inductor autotunes matmuls from 68 up"
-    return {"autotunes_matmuls": big, "sms": sms, "why": why}
-
-
 def _ready_to_compile(pipe):
     """Step 04's flags and channels_last layout, which both ways of compiling start with; False if compiled already."""
     if is_compiled(pipe):

@@ -63,3 +63,22 @@ def nvidia_smi(*args):
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+def matmul_autotuning(device):
+    """Whether max-autotune benchmarks matmul and convolution kernels on `device`, and why.
+
+    Inductor autotunes them only on GPUs with at least 68 streaming multiprocessors (its `is_big_gpu`): an A100 or
+    H100 does, an L4 (58) or T4 (40) doesn't, and there max-autotune keeps only its other parts (CUDA graphs,
+    pointwise tuning). On a CPU, its matmul templates need `torch._inductor.config.freezing`, which the course
+    leaves off.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"autotunes_matmuls": False, "why": "a CPU: Inductor's matmul templates need freezing, left off here"}
+    from torch._inductor.utils import is_big_gpu
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    big = is_big_gpu(device)
+    why = f"{sms} streaming multiprocessors; Inductor autotunes matmuls from 68 up"
+    return {"autotunes_matmuls": big, "sms": sms, "why": why}

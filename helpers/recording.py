@@ -7,8 +7,7 @@ from PIL import Image
 from .compile_cache import first_call_state
 from .flops import efficiency, image_flops, peak_tflops
 from .images import describe_quality, image_size, quality, save_image
-from .ladder import matmul_autotuning
-from .machine import device_name
+from .machine import device_name, matmul_autotuning
 from .models import default_device
 from .regions import last_cudagraph_fallback, recompile_limit_hits
 from .results import append_record, load_records, make_record
