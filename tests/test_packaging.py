@@ -23,6 +23,7 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci
 
 
+@pytest.mark.slow
 def test_importing_helpers_changes_no_torch_setting():
     import subprocess
     import sys

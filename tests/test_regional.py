@@ -122,6 +122,7 @@ def test_regions_that_fail_under_cuda_graphs_are_compiled_again_without_them(mon
         regions.call_with_cudagraph_fallback(pipe, lambda: (_ for _ in ()).throw(RuntimeError("something else")))
 
 
+@pytest.mark.slow
 def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(request):
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
@@ -151,6 +152,7 @@ def test_a_new_pipeline_stays_within_the_recompile_limit_only_after_release(requ
     assert recompile_limit_hits() == hits + 1 and cached_graphs() == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regions", list(helpers.regions.REGIONS))
 def test_each_choice_of_regions_compiles_what_it_names_and_runs_nothing_eagerly(regions, monkeypatch, capsys):
     from helpers.regions import REGIONS, recompile_limit_hits, region_versions

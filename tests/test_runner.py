@@ -212,6 +212,7 @@ def test_set_gives_a_notebook_its_own_parameter_and_refuses_what_none_has(tmp_pa
         cli.parse_args(["run", "--out", "x", "--set", "BATCH_SIZES"])
 
 
+@pytest.mark.slow
 def test_a_refused_run_makes_no_output_folder_and_leaves_the_temporary_folder_as_it_was(tmp_path):
     temporary = tmp_path / "tmp"
     temporary.mkdir()

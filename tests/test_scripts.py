@@ -86,6 +86,7 @@ def test_a_child_that_ignores_sigterm_is_killed_within_its_limit(tmp_path):
     assert (tmp_path / "log").read_text() == "started\n"
 
 
+@pytest.mark.slow
 def test_each_check_past_its_limit_times_out_and_the_next_one_still_starts(tmp_path):
     """With a budget far too short, every check is stopped at its limit, and the run still ends in its table."""
     out = tmp_path / "out"
@@ -165,6 +166,7 @@ def test_the_first_regional_check_answers_whether_pytorch_152887_hits(monkeypatc
     assert found["pytorch#152887"] == "hits: The regions failed under CUDA graphs (...): compiled again."
 
 
+@pytest.mark.slow
 def test_the_regional_check_runs_on_the_cpu_with_its_compile_left_out(monkeypatch):
     """What the CPU form leaves out, without the compile that makes it slow: the pipeline, the measurement, the
     attention probe, the record of the blocks and the clean-up."""
@@ -186,6 +188,7 @@ def test_the_regional_check_runs_on_the_cpu_with_its_compile_left_out(monkeypatc
     assert [pipe for pipe in helpers.live_pipelines() if id(pipe) not in alive_before] == []
 
 
+@pytest.mark.slow
 def test_the_int8_check_finds_the_int8_matmul_on_the_cpu():
     gpu_check = load_script("gpu_check")
     found = gpu_check.int8_path(gpu_check.parse_args(["--out", "x"]))
