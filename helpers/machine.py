@@ -1,5 +1,6 @@
 """Facts about this machine that every record and compile-cache manifest carries: the device, its driver, the
-versions of the course's libraries, and what "fp32" means for its matmuls and convolutions."""
+versions of the course's libraries, and what "fp32" means for its matmuls and convolutions; and, for a compiled
+step's record, whether max-autotune autotunes matmuls on this device."""
 
 import platform
 import shutil
