@@ -146,8 +146,8 @@ def stand_in_image(step, seed, height, width):
 def recording_stand_in(step, dtype):
     """A stand-in notebook's cell: it reads the injected parameters and records its step as the course's notebooks
     do (`record_step`: the image saved, scored against the baseline that 01 recorded), with no pipeline built. It
-    counts no FLOPs: that would import diffusers and build the model on the meta device, about 9 CPU-seconds in each
-    kernel, for a figure this test does not read."""
+    counts no FLOPs: that imports diffusers and builds the model on the meta device (the cell took 10 CPU-seconds in a
+    fresh process with the count, 5 without), for a figure this test does not read."""
     return "\n".join([
         "import numpy as np",
         "from PIL import Image",
