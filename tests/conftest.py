@@ -46,6 +46,13 @@ if not torch.cuda.is_available() and "TORCHINDUCTOR_VEC_ISA_OK" not in os.enviro
     if "torch._inductor.config" in sys.modules:  # for this one, should it have been imported already
         sys.modules["torch._inductor.config"].cpp.vec_isa_ok = False
 
+# Without a GPU, AOTInductor compiles the wrapper of notebook 08's package (one large C++ file of glue code that calls
+# the kernels; the kernels keep their flags) at -O0 instead of torch's default -O1: exporting the tiny UNet at 96x96
+# and `torch._inductor.aoti_compile_and_package` in a fresh Inductor cache took 75 CPU-seconds so and 95 at -O1,
+# system-wide. A value set before the tests start is kept.
+if not torch.cuda.is_available():
+    os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")  # read when torch._inductor.config is imported
+
 # One copy of each compiled C++ kernel for the session, shared by every process the tests start: the cold starts of
 # notebook 08 and the tests that start from an empty Inductor cache compile the same kernels again (compiler_cache/g++
 # says what it caches). Only where the compiler is g++: Inductor chooses its flags by the compiler's name.
