@@ -52,7 +52,7 @@ if not torch.cuda.is_available() and "TORCHINDUCTOR_VEC_ISA_OK" not in os.enviro
 # and `torch._inductor.aoti_compile_and_package` in a fresh Inductor cache took 75 CPU-seconds so and 95 at -O1,
 # system-wide. A value set before the tests start is kept.
 if not torch.cuda.is_available():
-    os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")  # read when torch._inductor.config loads
+    os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")  # read when torch._inductor.config is imported
 
 # One copy of each compiled C++ kernel for the session, shared by every process the tests start: the cold starts of
 # notebook 08 and the tests that start from an empty Inductor cache compile the same kernels again (compiler_cache/g++
@@ -225,11 +225,10 @@ def series_run(request, tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def series_in_the_background(request):
-    """On a machine without a GPU the series runs beside the other tests (started before collection by the README's
-    command, `pytest_configure`; otherwise when the session starts, if a collected test reads it): a cold compile of
-    the tiny pipeline keeps about 1.3 of 2 cores busy (user+sys over wall time), and the other tests wait on process
-    starts. From two fresh clones of the same tests on a 2-core machine: 1557 s so, 1969 s one after the other. With
-    a GPU it starts when a test first reads it, and nothing runs beside it."""
+    """On a machine without a GPU the series starts with the session when a collected test reads it, and the other
+    tests run meanwhile: a cold compile of the tiny pipeline keeps about 1.3 of 2 cores busy (user+sys over wall time),
+    and the other tests wait on process starts. From two fresh clones of the same tests on a 2-core machine: 1557 s
+    so, 1969 s one after the other. With a GPU it starts when a test first reads it, and nothing runs beside it."""
     if not torch.cuda.is_available() and any("series" in item.fixturenames for item in request.session.items):
         yield_to(request.getfixturevalue("series_run").process.pid)
 
