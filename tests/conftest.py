@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import huggingface_hub
@@ -67,7 +66,7 @@ if "CXX_CACHE_DIR" not in os.environ and (compiler := shutil.which(os.environ.ge
 SLOW_FIXTURES = {"series", "cache_file", "job"}
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """Every test that executes notebooks, drives the browser or needs a slow fixture is slow too. The tests that
     read the series run last, so that the other tests run while it runs in the background (`series_run`)."""
     for item in items:
@@ -75,9 +74,6 @@ def pytest_collection_modifyitems(config, items):
                 or SLOW_FIXTURES & set(item.fixturenames)):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: "series" in item.fixturenames)  # a stable sort: the order is otherwise kept
-    early = config.stash.get(EARLY_SERIES, None)
-    if early is not None and not any("series" in item.fixturenames for item in items):  # all deselected
-        early.stop()
 
 
 def load_script(name):
@@ -95,22 +91,13 @@ def notebook_cells(notebook, tag):
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(series_run):
-    """The tiny model saved as a diffusers folder, so that it loads by `from_pretrained`, the way SDXL does: saved by
-    the series' first process before it becomes the runner (`SAVE_THEN_RUN`)."""
-    return series_run.model_folder()
+def tiny_folder(tmp_path_factory):
+    """The tiny model saved as a diffusers folder, so that it loads by `from_pretrained`, the way SDXL does."""
+    import helpers
 
-
-# The series' first process: saves the tiny model as a diffusers folder at argv[1] (under another name, renamed when
-# complete), then becomes the runner with the arguments that follow.
-SAVE_THEN_RUN = """
-import os, sys
-import helpers
-folder, *runner = sys.argv[1:]
-helpers.load_pipeline("tiny", verbose=False).save_pretrained(folder + ".partial")
-os.rename(folder + ".partial", folder)
-os.execv(sys.executable, [sys.executable, "-m", "helpers", "run", *runner])
-"""
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    helpers.load_pipeline("tiny", verbose=False).save_pretrained(folder)
+    return folder
 
 
 # Started with the series: waits until the run in process argv[2] has recorded step argv[3] in the results file argv[1]
@@ -145,24 +132,16 @@ class SeriesRun:
     notebooks 06 and 07 still finds their records: 07 records its step in its first minute, and 08 reaches the
     comparison after its cold starts (test_coldstart checks that it printed it)."""
 
-    def __init__(self, folder, appendix_beside=True):
-        self.out, self.logs, self.processes = folder / "series", [], []
-        self.tiny_folder = folder / "tiny-sdxl"
-        common = ["--out", str(self.out), "--no-progress", "--inductor-cache", str(folder / "inductor"),
-                  "--model", str(self.tiny_folder), *SERIES_ARGS]
+    def __init__(self, out, tiny_folder, cache, appendix_beside=True):
+        self.out, self.logs, self.processes = out, [], []
+        common = ["--out", str(out), "--no-progress", "--inductor-cache", str(cache), "--model", str(tiny_folder),
+                  *SERIES_ARGS]
         appendix_settings = ["--set", 'COMPILE_MODES=["max-autotune"]', "--set", 'REGION_CHOICES=["blocks"]']
         only = ["--only", "01-07"] if appendix_beside else ["--only", "01-08", *appendix_settings]
-        self._start("runner.log", ["-c", SAVE_THEN_RUN, str(self.tiny_folder), *common, *only])
+        self._start("runner.log", ["-m", "helpers", "run", *common, *only])
         if appendix_beside:
-            self._start("appendix.log", ["-c", START_AFTER_STEP, str(self.out / "results.json"), str(self.process.pid),
+            self._start("appendix.log", ["-c", START_AFTER_STEP, str(out / "results.json"), str(self.process.pid),
                                          "06", *common, "--only", "08", *appendix_settings])
-
-    def model_folder(self):
-        """The tiny model's folder, once the series' first process has saved it; fails if that process ended first."""
-        while not self.tiny_folder.is_dir():
-            assert self.process.poll() is None, self.logs[0].read_text()[-8000:]
-            time.sleep(0.2)
-        return self.tiny_folder
 
     def _start(self, log_name, args):
         """`python ARGS` in a process of its own, its output going to `log_name` beside the output folder."""
@@ -194,31 +173,15 @@ class SeriesRun:
                     process.kill()
 
 
-EARLY_SERIES = pytest.StashKey[SeriesRun]()
-
-
-def pytest_configure(config):
-    """Without a GPU, the README's test command (the whole suite: no file, marker or keyword chosen) starts the series
-    now, before the tests are collected: collecting them keeps one core busy for about 20 s here, and the series'
-    first process saves the tiny model and starts notebook 01 on the other."""
-    if (not torch.cuda.is_available() and config.args_source == pytest.Config.ArgsSource.TESTPATHS
-            and not config.option.markexpr and not config.option.keyword and not config.option.collectonly):
-        folder = Path(tempfile.mkdtemp(prefix="sdxl-fast-series-"))
-        config.stash[EARLY_SERIES] = SeriesRun(folder)
-        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
-        config.add_cleanup(config.stash[EARLY_SERIES].stop)
-
-
 @pytest.fixture(scope="session")
-def series_run(request, tmp_path_factory):
+def series_run(tmp_path_factory, tiny_folder):
     """The whole course run once headless by the README's main command, on the tiny model loaded from a folder
     by `from_pretrained`: the path users take with SDXL (the model built in memory is `--model tiny`). Appendix 08
     runs in the course's compile mode only, and with one choice of regions (the other modes and choices are the same
-    code; test_regional checks what each choice compiles); with a GPU after the seven steps, in the same run.
-    One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time)."""
-    run = request.config.stash.get(EARLY_SERIES, None)
-    if run is None:
-        run = SeriesRun(tmp_path_factory.mktemp("series-run"), appendix_beside=not torch.cuda.is_available())
+    code; test_regional checks what each choice compiles); with a GPU after the seven steps, in the same run."""
+    # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
+    run = SeriesRun(tmp_path_factory.mktemp("series"), tiny_folder, tmp_path_factory.mktemp("inductor"),
+                    appendix_beside=not torch.cuda.is_available())
     yield run
     run.stop()
 
