@@ -51,7 +51,7 @@ if not torch.cuda.is_available() and "TORCHINDUCTOR_VEC_ISA_OK" not in os.enviro
 # and `torch._inductor.aoti_compile_and_package` in a fresh Inductor cache took 75 CPU-seconds so and 95 at -O1,
 # system-wide. A value set before the tests start is kept.
 if not torch.cuda.is_available():
-    os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")  # read when torch._inductor.config is imported
+    os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")  # read when torch._inductor.config loads
 
 # One copy of each compiled C++ kernel for the session, shared by every process the tests start: the cold starts of
 # notebook 08 and the tests that start from an empty Inductor cache compile the same kernels again (compiler_cache/g++
