@@ -4,6 +4,7 @@ copy of the first one's output; anything else reaches the real compiler."""
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -77,9 +78,11 @@ def test_what_is_not_one_source_into_one_output_reaches_the_compiler(compile_wit
 
 
 def test_inductor_compiles_this_sessions_kernels_with_it():
-    """conftest.py made the wrapper the compiler of this process and of those it starts, before Inductor read it."""
+    """conftest.py made the wrapper the compiler of this process and of those it starts, before Inductor read it:
+    through a launcher named g++ (Inductor picks its flags by the name) that starts it with this Python."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     if not os.environ.get("CXX_CACHE_DIR"):
         pytest.skip("the session runs without the compiler cache (CXX_CACHE_DIR set empty, or no g++)")
-    assert get_cpp_compiler() == str(WRAPPER)
+    launcher = Path(get_cpp_compiler())
+    assert launcher.name == "g++" and f'"{WRAPPER}" "$@"' in launcher.read_text()
