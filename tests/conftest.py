@@ -75,15 +75,12 @@ SLOW_FIXTURES = {"series", "cache_file", "job"}
 
 def pytest_collection_modifyitems(items):
     """Every test that executes notebooks, drives the browser or needs a slow fixture is slow too. The tests that
-    read the series run last, so that the other tests run while it runs in the background (`series_run`); just before
-    them, the tests that run several processes at once (marker `processes`), which use both cores where the series has
-    ended first: in a fresh-clone run with the tests in file order, one process of tests ran alone for the last 45 s."""
+    read the series run last, so that the other tests run while it runs in the background (`series_run`)."""
     for item in items:
         if (item.get_closest_marker("notebooks") or item.get_closest_marker("browser")
                 or SLOW_FIXTURES & set(item.fixturenames)):
             item.add_marker(pytest.mark.slow)
-    # A stable sort: the order is otherwise kept.
-    items.sort(key=lambda item: ("series" in item.fixturenames, item.get_closest_marker("processes") is not None))
+    items.sort(key=lambda item: "series" in item.fixturenames)  # a stable sort: the order is otherwise kept
 
 
 def load_script(name):
