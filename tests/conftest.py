@@ -2,6 +2,7 @@ import atexit
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,8 @@ if not torch.cuda.is_available():
 if "CXX_CACHE_DIR" not in os.environ and (compiler := shutil.which(os.environ.get("CXX", "g++"))):
     if Path(compiler).name.startswith("g++"):
         launcher = Path(tempfile.mkdtemp(prefix="compiler-cache-bin-")) / "g++"
-        launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S -E "{ROOT}/tests/compiler_cache/g++" "$@"\n')
+        command = shlex.join([sys.executable, "-S", "-E", str(ROOT / "tests" / "compiler_cache" / "g++")])
+        launcher.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
         launcher.chmod(0o755)
         os.environ.update(CXX=str(launcher), CXX_CACHE_REAL=compiler,
                           CXX_CACHE_DIR=tempfile.mkdtemp(prefix="compiler-cache-"))

@@ -2,6 +2,7 @@
 copy of the first one's output; anything else reaches the real compiler."""
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -85,4 +86,4 @@ def test_inductor_compiles_this_sessions_kernels_with_it():
     if not os.environ.get("CXX_CACHE_DIR"):
         pytest.skip("the session runs without the compiler cache (CXX_CACHE_DIR set empty, or no g++)")
     launcher = Path(get_cpp_compiler())
-    assert launcher.name == "g++" and f'"{WRAPPER}" "$@"' in launcher.read_text()
+    assert launcher.name == "g++" and f'{shlex.quote(str(WRAPPER))} "$@"' in launcher.read_text()
