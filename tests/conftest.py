@@ -17,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+COMPILER_CACHE = ROOT / "tests" / "compiler_cache" / "g++"  # the session's compiler cache (below)
 # A fake token: the tests check that it never reaches an output.
 FAKE_HF_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0000"
 # Small enough for a 2-core CPU: the tiny model at 96x96, 2 denoising steps (the model is added by `series`). Tests
@@ -49,7 +50,7 @@ if not torch.cuda.is_available() and "TORCHINDUCTOR_VEC_ISA_OK" not in os.enviro
 
 # Without a GPU, AOTInductor compiles the wrapper of notebook 08's package (one large C++ file of glue code that calls
 # the kernels; the kernels keep their flags) at -O0 instead of torch's default -O1: exporting the tiny UNet at 96x96
-# and `torch._inductor.aoti_compile_and_package` in a fresh Inductor cache took 75 CPU-seconds so and 95 at -O1,
+# and `torch._inductor.aoti_compile_and_package` in a fresh Inductor cache took 75 CPU-seconds at -O0 and 95 at -O1,
 # system-wide. A value set before the tests start is kept.
 if not torch.cuda.is_available():
     os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")  # read when torch._inductor.config loads
@@ -63,7 +64,7 @@ if not torch.cuda.is_available():
 if "CXX_CACHE_DIR" not in os.environ and (compiler := shutil.which(os.environ.get("CXX", "g++"))):
     if Path(compiler).name.startswith("g++"):
         launcher = Path(tempfile.mkdtemp(prefix="compiler-cache-bin-")) / "g++"
-        command = shlex.join([sys.executable, "-S", "-E", str(ROOT / "tests" / "compiler_cache" / "g++")])
+        command = shlex.join([sys.executable, "-S", "-E", str(COMPILER_CACHE)])
         launcher.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
         launcher.chmod(0o755)
         os.environ.update(CXX=str(launcher), CXX_CACHE_REAL=compiler,

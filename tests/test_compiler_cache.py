@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import COMPILER_CACHE as WRAPPER
 
-WRAPPER = ROOT / "tests" / "compiler_cache" / "g++"
 SOURCE = 'extern "C" int answer() { return %d; }\n'
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
