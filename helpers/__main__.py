@@ -76,16 +76,29 @@ def parse_args(argv):
 def main(argv=None):
     """Run the command; every failure a user can meet ends in one line on stderr and a non-zero exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _leave_out_the_iri_format_checker()
     try:
         return _main(args)
     finally:
         _remove_empty_default_inductor_cache()
 
 
+def _leave_out_the_iri_format_checker():
+    """The runner reads and writes notebooks with nbformat, which imports jsonschema, which imports rfc3987_syntax
+    where it is installed (JupyterLab's dependencies install it) for its "iri" format check; that module builds 38
+    Lark parsers as it is imported (python-jsonschema/jsonschema#1428). `python -c "import nbformat"` took 3.4
+    CPU-seconds with it and 0.35 without, on a 2-core machine. Notebook schemas use no "format" keyword, so this
+    process marks the module absent before anything imports jsonschema, which then registers no "iri" check."""
+    sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` then raises ImportError
+
+
 def _remove_empty_default_inductor_cache():
     """Remove the empty folder that importing torch's compiler makes in the temporary folder
     (`torchinductor_<user>`, Inductor's default cache) where this process left it empty: the runner compiles
-    nothing itself, each notebook compiles with a cache of its own."""
+    nothing itself, each notebook compiles with a cache of its own. A process that never imported the compiler
+    (the runner's) made no folder, and importing it here would make one."""
+    if "torch._inductor" not in sys.modules:
+        return
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     try:

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants  # a submodule: imported here, not left to whichever test imports diffusers first
-import nbformat
 import pytest
 import torch
+
+# As in the runner's own process (helpers/__main__.py says why): jsonschema, which nbformat imports, without its "iri"
+# format check, whose import takes about 3 CPU-seconds. Before the first `import nbformat` of the session.
+sys.modules.setdefault("rfc3987_syntax", None)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -96,6 +99,8 @@ def load_script(name):
 
 def notebook_cells(notebook, tag):
     """The source of the code cells of `notebook` tagged `tag`, in order."""
+    import nbformat
+
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     return [c.source for c in nb.cells if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
 
