@@ -81,12 +81,15 @@ SLOW_FIXTURES = {"series", "cache_file", "job"}
 
 def pytest_collection_modifyitems(items):
     """Every test that executes notebooks, drives the browser or needs a slow fixture is slow too. The tests that
-    read the series run last, so that the other tests run while it runs in the background (`series_run`)."""
+    read the series run last, so that the other tests run while it runs in the background (`series_run`). Before
+    them run the tests that keep several processes busy: should the series end first, they keep both cores busy
+    where a test of one process would leave one idle."""
     for item in items:
         if (item.get_closest_marker("notebooks") or item.get_closest_marker("browser")
                 or SLOW_FIXTURES & set(item.fixturenames)):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: "series" in item.fixturenames)  # a stable sort: the order is otherwise kept
+    # a stable sort: the order is otherwise kept
+    items.sort(key=lambda item: ("series" in item.fixturenames, bool(item.get_closest_marker("several_processes"))))
 
 
 def load_script(name):

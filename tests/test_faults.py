@@ -192,6 +192,7 @@ def check_records_point_at_their_own_files(out):
 
 
 @pytest.mark.slow
+@pytest.mark.several_processes
 def test_runs_sharing_a_folder_at_once_or_one_after_the_other_score_as_each_would_alone(tmp_path, started,
                                                                                         monkeypatch):
     """Seeds 0 and 1 run 01 and 02 at once in one folder; then seed 0 runs 01 there again, and seed 1 runs 02 again:

@@ -15,6 +15,7 @@ from conftest import ROOT, load_script
 SCRIPT_ARGS = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "1", "--no-compile"]
 PROMPTS = ["a red fox", "a blue whale", "an owl at night", "a green frog", "a yellow cab", "a paper boat", "a kite"]
 HOST = socket.gethostname()
+pytestmark = pytest.mark.several_processes  # most of them: two processes of the script at once
 
 
 def free_port():
