@@ -19,34 +19,26 @@ from helpers import coldstart, coldstart_charts, compile_cache
 from helpers.steps import get_step, select_steps
 
 SMALL = dict(model="tiny", height=64, width=64, steps=2, compile_mode="default")
-# Run in a fresh process with an empty Inductor cache folder: compiles a small function and saves the compile-cache
-# file (the tiny pipeline gives the architecture); prints what Inductor's counters say about its first call. That a
-# file like it makes the first call warm is shown through the runner (`test_warm_then_a_run_starts_warm_from_the_file`)
-# and by notebook 08's "file" start in the series. Its parameters are SMALL, given as JSON in its second argument.
-SAVE_SCRIPT = """
-import json, sys
-import torch
-import helpers
-from helpers import compile_cache
+# What `cache_file` was warmed for: the tiny model at the series' size in the course's compile mode. The series'
+# notebook 07 compiles the same C++ kernels, so the session's compiler cache compiles them once.
+WARMED = dict(model="tiny", height=SERIES_SIZE, width=SERIES_SIZE, steps=2, compile_mode="max-autotune")
 
-params = helpers.Params(**json.loads(sys.argv[2]))
-pipe = helpers.build(params.model, through="03", verbose=False)
-square = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T) + 1, mode="default")
-square(torch.randn(16, 16))
-compile_cache.save_compile_cache(sys.argv[1], params, pipe, ["04", "05"])
-print(json.dumps(compile_cache.first_call_state()))
-"""
+
+def run_helpers(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
 def cache_file(tmp_path_factory):
+    """`python -m helpers warm --only 07` (its regional compile, the cheapest step to warm) on the tiny model: the
+    compile-cache file that the tests below read, refuse, damage and start a run warm from."""
     folder = tmp_path_factory.mktemp("compile-cache")
     path = folder / "room.zip"
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
-    done = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(path), json.dumps(SMALL)], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+    done = run_helpers("warm", "--model", "tiny", "--height", str(SERIES_SIZE), "--width", str(SERIES_SIZE), "--only",
+                       "07", "--out", str(path), "--no-progress", env={"TORCHINDUCTOR_CACHE_DIR": str(folder / "own")})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["first_call"] == "cold"
+    assert "07 regional compile: compiled in" in done.stdout and f"--compile-cache {path}" in done.stdout
     return path
 
 
@@ -54,10 +46,14 @@ def small(**changes):
     return helpers.Params(**{**SMALL, **changes})
 
 
+def warmed(**changes):
+    return helpers.Params(**{**WARMED, **changes})
+
+
 def test_the_file_holds_a_manifest_the_artifacts_and_the_kernels(cache_file):
     manifest = compile_cache.read_manifest(cache_file)
-    assert manifest["steps"] == ["04", "05"] and manifest["compile_mode"] == "default"
-    assert (manifest["height"], manifest["width"], manifest["unet_batch"]) == (64, 64, 2)
+    assert manifest["steps"] == ["07"] and manifest["compile_mode"] == "max-autotune" and manifest["model"] == "tiny"
+    assert (manifest["height"], manifest["width"], manifest["unet_batch"]) == (SERIES_SIZE, SERIES_SIZE, 2)
     assert manifest["torch"] == torch.__version__ and manifest["device"] == helpers.machine.device_name()
     assert sum(manifest["artifacts"].values()) >= 1
     with zipfile.ZipFile(cache_file) as archive:
@@ -65,9 +61,9 @@ def test_the_file_holds_a_manifest_the_artifacts_and_the_kernels(cache_file):
     assert compile_cache.ARTIFACTS_NAME in names
     kernels = [name for name in names if name.startswith(compile_cache.KERNELS_PREFIX)]
     assert len(kernels) == manifest["cpp_kernels"]
-    if not torch.cuda.is_available():  # on a CPU, Inductor compiled the function's C++ into a shared library
+    if not torch.cuda.is_available():  # on a CPU, Inductor compiled the blocks' C++ into shared libraries
         assert kernels and all(name.endswith(".so") for name in kernels)
-    assert compile_cache.check_compile_cache(cache_file, small(), steps="04") == manifest
+    assert compile_cache.check_compile_cache(cache_file, warmed(), steps="07") == manifest
 
 
 def rewritten(path, tmp_path, members=None, drop=(), **changes):
@@ -85,11 +81,11 @@ def rewritten(path, tmp_path, members=None, drop=(), **changes):
 
 
 @pytest.mark.parametrize("made_for, params, named", [
-    ({}, small(compile_mode="max-autotune"), ["compile_mode 'default'", "compile_mode 'max-autotune'"]),
-    ({}, small(height=128), ["height 64", "height 128"]),
-    ({}, small(guidance=1.0), ["unet_batch 2", "unet_batch 1"]),
-    ({"device": "NVIDIA H100 80GB HBM3"}, small(), ["device 'NVIDIA H100 80GB HBM3'"]),
-    ({"torch": "2.7.0+cu126", "triton": "3.3.0"}, small(), ["torch '2.7.0+cu126'", "triton '3.3.0'"]),
+    ({}, warmed(compile_mode="default"), ["compile_mode 'max-autotune'", "compile_mode 'default'"]),
+    ({}, warmed(height=128), [f"height {SERIES_SIZE}", "height 128"]),
+    ({}, warmed(guidance=1.0), ["unet_batch 2", "unet_batch 1"]),
+    ({"device": "NVIDIA H100 80GB HBM3"}, warmed(), ["device 'NVIDIA H100 80GB HBM3'"]),
+    ({"torch": "2.7.0+cu126", "triton": "3.3.0"}, warmed(), ["torch '2.7.0+cu126'", "triton '3.3.0'"]),
 ], ids=["mode", "size", "guidance", "gpu", "versions"])
 def test_a_file_made_for_something_else_is_refused_in_one_sentence(cache_file, tmp_path, made_for, params, named):
     path = rewritten(cache_file, tmp_path, **made_for)
@@ -102,19 +98,19 @@ def test_a_file_made_for_something_else_is_refused_in_one_sentence(cache_file, t
 
 
 def test_a_file_for_other_steps_or_another_model_is_refused(cache_file, tmp_path):
-    with pytest.raises(helpers.CompileCacheMismatch, match="holds the compiled steps 04, 05, not 07"):
-        compile_cache.check_compile_cache(cache_file, small(), steps="07")
+    with pytest.raises(helpers.CompileCacheMismatch, match="holds the compiled steps 07, not 04"):
+        compile_cache.check_compile_cache(cache_file, warmed(), steps="04")
     pipe = helpers.build("tiny", through="03", verbose=False)
     other = rewritten(cache_file, tmp_path, architecture="0123456789ab")
     with pytest.raises(helpers.CompileCacheMismatch, match="architecture '0123456789ab'"):
-        compile_cache.check_compile_cache(other, small(), pipe=pipe)
+        compile_cache.check_compile_cache(other, warmed(), pipe=pipe)
 
 
 def test_a_refused_file_loads_nothing(cache_file, monkeypatch, capsys):
     pipe = helpers.build("tiny", through="03", verbose=False)
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: pytest.fail("loaded a refused file"))
     with pytest.raises(helpers.CompileCacheMismatch):
-        helpers.use_compile_cache(pipe, small(compile_mode="max-autotune", compile_cache=str(cache_file)), step="04")
+        helpers.use_compile_cache(pipe, warmed(compile_mode="default", compile_cache=str(cache_file)), step="07")
     assert "loaded" not in capsys.readouterr().out
 
 
@@ -148,7 +144,7 @@ def test_what_is_not_a_compile_cache_file_is_refused(cache_file, tmp_path):
 def test_a_damaged_manifest_is_refused_in_one_sentence(cache_file, tmp_path, changes, drop, named):
     path = rewritten(cache_file, tmp_path, drop=drop, **changes)
     with pytest.raises(helpers.CompileCacheMismatch) as refused:
-        compile_cache.check_compile_cache(path, small(), steps="04")
+        compile_cache.check_compile_cache(path, warmed(), steps="07")
     message = str(refused.value)
     assert message.startswith("room.zip has a damaged manifest (") and "\n" not in message
     assert message.endswith("make it again with `python -m helpers warm --out FILE`.")
@@ -163,13 +159,13 @@ def test_damaged_contents_are_refused_and_artifacts_that_dont_load_too_without_a
         kernel = next(name for name in archive.namelist() if name.startswith(compile_cache.KERNELS_PREFIX))
     for member in (compile_cache.ARTIFACTS_NAME, kernel):  # the bytes differ from those saved: refused up front
         with pytest.raises(helpers.CompileCacheMismatch, match=f"room.zip is damaged \\({member} not as saved\\)"):
-            compile_cache.check_compile_cache(rewritten(cache_file, tmp_path, members={member: garbage}), small())
+            compile_cache.check_compile_cache(rewritten(cache_file, tmp_path, members={member: garbage}), warmed())
     # Checksums that agree with broken artifacts, as where torch saved what it can't read back: refused on loading.
     (tmp_path / "forged").mkdir()
     sums = {**compile_cache.read_manifest(cache_file).get("sha256", {}),
             compile_cache.ARTIFACTS_NAME: hashlib.sha256(garbage).hexdigest()}
     forged = rewritten(cache_file, tmp_path / "forged", members={compile_cache.ARTIFACTS_NAME: garbage}, sha256=sums)
-    compile_cache.check_compile_cache(forged, small(), steps="04")
+    compile_cache.check_compile_cache(forged, warmed(), steps="07")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     capfd.readouterr()
     with pytest.raises(helpers.CompileCacheMismatch, match="room.zip's compile artifacts did not load .*helpers warm"):
@@ -180,12 +176,12 @@ def test_damaged_contents_are_refused_and_artifacts_that_dont_load_too_without_a
 
 
 def test_the_check_before_a_run_needs_each_compiled_step_of_the_run(cache_file):
-    manifest = compile_cache.check_compile_cache(cache_file, small(), steps=["01", "02", "03", "04", "05", "08"])
-    assert manifest["steps"] == ["04", "05"]
+    manifest = compile_cache.check_compile_cache(cache_file, warmed(), steps=["01", "02", "03", "07", "08"])
+    assert manifest["steps"] == ["07"]
     with pytest.raises(helpers.CompileCacheMismatch) as refused:
-        compile_cache.check_compile_cache(cache_file, small(), steps=["03", "04", "05", "06", "07"])
-    assert str(refused.value) == ("room.zip holds the compiled steps 04, 05, not 06, 07: warm it with "
-                                  "`python -m helpers warm --out FILE --only 06,07` (or 04-07 for all of them).")
+        compile_cache.check_compile_cache(cache_file, warmed(), steps=["03", "04", "05", "06", "07"])
+    assert str(refused.value) == ("room.zip holds the compiled steps 07, not 04, 05, 06: warm it with "
+                                  "`python -m helpers warm --out FILE --only 04,05,06` (or 04-07 for all of them).")
 
 
 def test_a_cold_start_inherits_no_triton_cache_folder(tmp_path, monkeypatch):
@@ -246,22 +242,18 @@ def test_the_appendix_states_its_gpu_time_and_what_the_estimate_rests_on():
     assert "print(coldstart.gpu_estimate(modes, params.compile_mode))" in cells[1].source  # after the parameters
 
 
-def run_helpers(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
-
-
 @pytest.mark.parametrize("rewrite, height, only, refusal", [
-    ({}, "128", "04", "room.zip was made for height 64, but here it is height 128"),
-    ({"steps": [4]}, "64", "04", "room.zip has a damaged manifest (steps of another type)"),
-    ({"members": {"artifacts.bin": b"damaged"}}, "64", "04", "room.zip is damaged (artifacts.bin not as saved)"),
-    ({}, "64", "06", "room.zip holds the compiled steps 04, 05, not 06"),
+    ({}, "128", "07", f"room.zip was made for height {SERIES_SIZE}, but here it is height 128"),
+    ({"steps": [7]}, str(SERIES_SIZE), "07", "room.zip has a damaged manifest (steps of another type)"),
+    ({"members": {"artifacts.bin": b"damaged"}}, str(SERIES_SIZE), "07",
+     "room.zip is damaged (artifacts.bin not as saved)"),
+    ({}, str(SERIES_SIZE), "06", "room.zip holds the compiled steps 07, not 06"),
 ], ids=["mismatched", "damaged-manifest", "damaged-artifacts", "other-steps"])
 def test_the_runner_refuses_a_file_before_any_notebook_in_one_line(cache_file, tmp_path, capsys, rewrite, height,
                                                                     only, refusal):
     path = rewritten(cache_file, tmp_path, **rewrite)
-    status = cli.main(["run", "--model", "tiny", "--height", height, "--width", "64", "--compile-mode", "default",
-                       "--only", only, "--compile-cache", str(path), "--out", str(tmp_path / "run")])
+    status = cli.main(["run", "--model", "tiny", "--height", height, "--width", str(SERIES_SIZE), "--only", only,
+                       "--compile-cache", str(path), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err and err.count("\n") == 1, err[-3000:]
     assert err.startswith(f"error: {refusal}")
@@ -285,17 +277,12 @@ def test_the_runner_runs_the_appendix_when_named():
 
 
 @pytest.mark.notebooks
-def test_warm_then_a_run_starts_warm_from_the_file(tmp_path):
-    """`python -m helpers warm` on the tiny model, then the runner's notebook 07 (its regional compile, the cheapest
-    step to warm; without its optional sections, which compile other shapes) with --compile-cache, each in a fresh
-    Inductor cache folder: the record says the first call was warm, from the file. At the series' size in the course's
-    compile mode: the series' notebook 07 compiles the same C++ kernels, and finds them compiled."""
+def test_a_run_with_the_file_that_warm_made_starts_warm_from_it(cache_file, tmp_path):
+    """The runner's notebook 07 (without its optional sections, which compile other shapes) with --compile-cache
+    `cache_file`, made by `python -m helpers warm`, in a fresh Inductor cache folder: the record says the first call
+    was warm, from the file."""
+    file = cache_file
     size = ["--model", "tiny", "--height", str(SERIES_SIZE), "--width", str(SERIES_SIZE)]
-    file = tmp_path / "room.zip"
-    done = run_helpers("warm", *size, "--only", "07", "--out", str(file), "--no-progress",
-                       env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "instructor")})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "07 regional compile: compiled in" in done.stdout and f"--compile-cache {file}" in done.stdout
     done = run_helpers("run", *size, "--steps", "2", "--warmup", "0", "--runs", "1", "--only", "07", "--no-extras",
                        "--no-progress", "--compile-cache", str(file), "--out", str(tmp_path / "run"),
                        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "attendee")})
