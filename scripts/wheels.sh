@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sourced by the GPU scripts: install a folder of wheels for a machine without internet.
 # On a connected machine with the same Python version and platform as the GPU machine:
-#   pip download -d wheels diffusers transformers accelerate torchao safetensors matplotlib scikit-image tqdm \
+#   pip download -d wheels diffusers transformers accelerate torchao safetensors matplotlib pytorch-msssim tqdm \
 #     papermill ipykernel ipywidgets pytest
 # then delete the torch, triton and nvidia_* wheels from wheels/ (the GPU machine keeps its own CUDA build of
 # torch) and copy the folder over. They go into a temporary folder put first on PYTHONPATH; nothing else changes.
