@@ -19,11 +19,10 @@ import zlib
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
 
 from .files import check_writable, environment, write_atomically
 from .machine import device_name, package_versions
-from .memory import reset_compiler
+from .memory import compiler_counters, reset_compiler
 from .steps import COMPILED_STEPS, WARMED_STEPS, select_steps
 
 FORMAT = 2  # 2: the manifest holds each member's SHA-256
@@ -265,6 +264,7 @@ def use_compile_cache(pipe, params, step):
 def first_call_state():
     """Were this process's compiles answered by a cache? From Inductor's FX graph cache counters:
     "cold" (every graph compiled), "warm" (every graph from a cache), "partly warm", or "not compiled"."""
+    counters = compiler_counters()
     hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
     state = {(0, 0): "not compiled"}.get((hits, misses)) or ("warm" if not misses else "cold" if not hits
                                                              else "partly warm")

@@ -10,8 +10,10 @@ entries also count toward `torch._dynamo.config.recompile_limit`. `release` ther
 (`torch.compiler.reset()`), as must anything that builds a new compiled pipeline in the same process.
 """
 
+import collections
 import gc
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -48,6 +50,17 @@ def live_pipelines():
     # holds one after loading a model from a folder); `type` reads nothing from the object.
     pipelines = [obj for obj in gc.get_objects() if issubclass(type(obj), DiffusionPipeline)]
     return [pipe for pipe in pipelines if pipe.device.type != "meta"]
+
+
+def compiler_counters():
+    """Dynamo's and Inductor's event counters of this process (`torch._dynamo.utils.counters`). Where nothing has
+    imported Dynamo, nothing has compiled: empty counters, without importing Dynamo for them (2.7 CPU-seconds more
+    than torch alone on a 2-core CPU: `time python -c "import torch._dynamo"` against `import torch`)."""
+    if "torch._dynamo" not in sys.modules:
+        return collections.defaultdict(collections.Counter)
+    from torch._dynamo.utils import counters
+
+    return counters
 
 
 def reset_compiler():

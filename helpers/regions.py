@@ -3,9 +3,8 @@ their shared code object needs, the fallback from CUDA graphs where compiled blo
 compiled function was compiled."""
 
 import torch
-from torch._dynamo.utils import counters
 
-from .memory import reset_compiler
+from .memory import compiler_counters, reset_compiler
 
 # The UNet's modules that regional compilation may compile, by name of a choice. diffusers marks only the transformer
 # block as repeated (`UNet2DConditionModel._repeated_blocks`); the others compile whole attention layers (their
@@ -116,5 +115,5 @@ def last_cudagraph_fallback():
 def recompile_limit_hits():
     """How often, in this process, Dynamo met a function at `torch._dynamo.config.recompile_limit`, from its own
     counters: with `fullgraph=True` it then raises `FailOnRecompileLimitHit`; without, it runs the function eagerly."""
-    return sum(count for message, count in counters["unimplemented"].items()
+    return sum(count for message, count in compiler_counters()["unimplemented"].items()
                if "recompile limit" in message.lower() or "recompile_limit" in message)
