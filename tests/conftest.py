@@ -145,10 +145,11 @@ os.execv(sys.executable, [sys.executable, "-m", "helpers", "run", *runner])
 class SeriesRun:
     """The runner executing the series in a process of its own, its output going to `runner.log` beside `out`.
     Without a GPU, appendix 08 runs in a second runner into the same folder (runs may share one), its output going to
-    `appendix.log`: it starts once step 06 is recorded, so that it runs beside notebook 07 and the other tests, not
-    after them with one core left idle, and its starts find the C++ kernels of step 04 compiled. Its comparison with
-    notebooks 06 and 07 still finds their records: 07 records its step in its first minute, and 08 reaches the
-    comparison after its cold starts (test_coldstart checks that it printed it)."""
+    `appendix.log`: it starts once step 05 is recorded, so that it runs beside notebooks 06 and 07 and the other
+    tests, not after them with one core left idle, and its starts find the C++ kernels of step 04 compiled. Its
+    comparison with notebooks 06 and 07 still finds their records: in a fresh clone's run, 07 recorded its step 3.1
+    minutes after 05 did, 06 compiling meanwhile, and 08 reached the comparison 7 minutes after it started, past its
+    five starts (test_coldstart checks that it printed the comparison)."""
 
     def __init__(self, out, tiny_folder, cache, appendix_beside=True):
         self.out, self.logs, self.processes = out, [], []
@@ -159,7 +160,7 @@ class SeriesRun:
         self._start("runner.log", ["-m", "helpers", "run", *common, *only])
         if appendix_beside:
             self._start("appendix.log", ["-c", START_AFTER_STEP, str(out / "results.json"), str(self.process.pid),
-                                         "06", *common, "--only", "08", *appendix_settings])
+                                         "05", *common, "--only", "08", *appendix_settings])
 
     def _start(self, log_name, args):
         """`python ARGS` in a process of its own, its output going to `log_name` beside the output folder."""
