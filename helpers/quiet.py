@@ -44,6 +44,10 @@ SILENCED_WARNINGS = (
     ("Dynamo detected a call to a `functools.lru_cache`-wrapped function", UserWarning),
     # torch.export's own pytree code, unpickling a spec the deprecated way (notebook 08's AOTInductor package).
     ("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning),
+    # AOTAutograd's cache key of a graph holding torchao's int8 weights (notebooks 06 and 07): torch hashes the tensor
+    # subclass by its own default (`_default_stable_hash_for_caching`: shape, metadata and inner tensors) and asks
+    # torchao to define the method; a hint for torchao, not the user.
+    ("Int8Tensor does not implement _stable_hash_for_caching", UserWarning),
 )
 
 

@@ -107,11 +107,14 @@ EXPECTED_LINES = {
 }
 
 
-def test_executed_notebooks_have_no_errors(series):
+def test_executed_notebooks_have_no_errors_and_no_library_warnings(series):
     out, _, _ = series
     for step_id, nb in executed(out).items():
         errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, f"{step_id}: {errors[0]['ename']}: {errors[0]['evalue']}" if errors else ""
+        warned = [o.text for c in nb.cells for o in c.get("outputs", [])
+                  if o.get("name") == "stderr" and "Warning: " in o.text]
+        assert not warned, f"{step_id}: {warned[0][:500]}"
 
 
 @pytest.mark.parametrize("step", STEPS, ids=lambda s: s.notebook)
