@@ -59,12 +59,13 @@ _EXPORTS = {
     'live_pipelines': 'memory',
     'release': 'memory',
     # models
-    'check_model': 'models',
-    'download': 'models',
     'load_pipeline': 'models',
     'low_precision_dtype': 'models',
-    'native_size': 'models',
-    'resolve_model': 'models',
+    # sources
+    'check_model': 'sources',
+    'download': 'sources',
+    'native_size': 'sources',
+    'resolve_model': 'sources',
     # params
     'Params': 'params',
     # probe

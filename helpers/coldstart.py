@@ -22,7 +22,7 @@ import torch
 from .compile_cache import MUST_MATCH, check_compile_cache, first_call_state, save_compile_cache, use_compile_cache  # noqa: F401  (notebook 08 reads them from here)
 from .machine import device_name, matmul_autotuning
 from .regions import DEFAULT_REGIONS, REGIONS
-from .timing import measurement_sentence
+from .sentences import measurement_sentence
 
 WAYS = ("cold", "disk", "file", "package")
 LAUNCHED_ENV = "SDXL_FAST_LAUNCHED"  # when time_start started the child, as time.time()

@@ -276,7 +276,7 @@ def first_call_state():
 
 def warm(params, out, only=WARMED_STEPS, progress=True):
     """`python -m helpers warm`: compile each compiled step of `only` once and save their artifacts to `out`."""
-    from .models import check_model, download, resolve_model
+    from .sources import check_model, download, resolve_model
 
     steps = [step for step in select_steps(only) if step.id in COMPILED_STEPS]
     if not steps:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import SDXL_HUB_ID, resolve_model
+from .sources import SDXL_HUB_ID, resolve_model
 
 META = torch.device("meta")
 

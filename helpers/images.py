@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .files import write_new
-from .models import native_size
 from .regions import call_with_cudagraph_fallback
+from .sources import native_size
 
 
 def image_size(params):

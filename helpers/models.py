@@ -1,101 +1,43 @@
-"""Where the pipeline comes from, and on which device and in which dtype it runs.
+"""Loading the pipeline: on which device and in which dtype it runs, its VAE in float16, and whether it fits.
 
-`model` is one of:
-- a hub id or a local folder in diffusers format, loaded with `StableDiffusionXLPipeline.from_pretrained`
-  (safetensors only, the fp16 files where there are some: see `download`);
-- "tiny": an SDXL-shaped pipeline built in code, for machines without a GPU or without the hub;
-- "sdxl-random": full-size SDXL with random weights: real latency, images of noise;
-- "auto": the real SDXL on a GPU, "tiny" on a machine without one.
+What a model's name means and where its files are is `sources.py`'s part.
 """
 
 import functools
-import json
 import math
-import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import ModelUnavailable
-from .machine import nvidia_smi_gpu
 from .memory import check_gpu_memory
+from .sources import (
+    OFFLINE_CHOICES,
+    OFFLINE_MODELS,
+    PIPELINE_MODELS,
+    SDXL_HUB_ID,
+    check_model,
+    download,
+    first_line,
+    fp16_variant,
+    native_size,
+    quiet_diffusers,
+    resolve_model,
+    unavailable,
+    weight_files,
+)
 
-SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 # SDXL's VAE fine-tuned to keep its activations within float16's range (see float16_vae).
 FP16_SAFE_VAE = "madebyollin/sdxl-vae-fp16-fix"
-OFFLINE_MODELS = ("tiny", "sdxl-random")
-NATIVE_SIZE = {"tiny": 128}  # everything else is SDXL: 1024x1024
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-OFFLINE_CHOICES = (
-    "use model='tiny' (built in code, any machine), 'sdxl-random' (full-size SDXL with random weights, for "
-    "timing on a GPU) or a local folder holding a diffusers SDXL pipeline"
-)
 # The UNet, the VAE and both text encoders of SDXL base, counted on the configs in offline.py.
 SDXL_PARAMETERS = 3_468_837_867
-PIPELINE_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # Peak activations of one 1024x1024 image (the VAE's decode), by bytes per element of the dtype: 3.2 GB in float32 and
 # 2.25 GB in bfloat16, measured in eager mode on SDXL's shapes with plain attention, rounded up.
 ACTIVATION_BYTES = {4: 3.5e9, 2: 2.5e9}
+
+
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_model(model, verbose=True):
-    """The concrete model for `model`, with "auto" decided by whether torch can use a GPU."""
-    if model != "auto":
-        return model
-    if torch.cuda.is_available():
-        chosen, why = SDXL_HUB_ID, f"a GPU is present ({torch.cuda.get_device_name()})"
-    elif gpu := nvidia_smi_gpu():
-        build = f" (built for CUDA {torch.version.cuda})" if torch.version.cuda else ""
-        raise ModelUnavailable(
-            f"nvidia-smi sees a GPU ({gpu}) but this torch {torch.__version__}{build} can't use it: install a CUDA "
-            "build of torch that matches the driver (see pytorch.org's install selector), or pass model='tiny' to "
-            "run on the CPU on purpose."
-        )
-    else:
-        chosen, why = "tiny", "no GPU here, so the small SDXL-shaped model built in code; its images are noise"
-    if verbose:
-        print(f"Model: {chosen} ({why}).")
-    return chosen
-
-
-def check_model(model):
-    """Raise ModelUnavailable, without loading anything, if `model` can't name a pipeline."""
-    model = resolve_model(model, verbose=False)
-    if model in OFFLINE_MODELS:
-        return model
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        if not _HUB_ID.match(model):
-            raise ModelUnavailable(
-                f"Unknown model {model!r}: give a hub id like {SDXL_HUB_ID!r}, or {OFFLINE_CHOICES}."
-            )
-        return model
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        index = None
-    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusionXLPipeline":
-        raise ModelUnavailable(
-            f"{folder.name!r} is not a diffusers SDXL folder (its model_index.json must be a JSON object naming "
-            f"StableDiffusionXLPipeline); {OFFLINE_CHOICES}."
-        )
-    pickled = [
-        name for name in PIPELINE_MODELS if (folder / name).is_dir() and not list((folder / name).glob("*.safetensors"))
-    ]
-    if pickled:
-        raise ModelUnavailable(
-            f"Could not load {folder.name!r}: there are no .safetensors weights in {', '.join(pickled)}, and the "
-            "course loads no pickled .bin files (save the pipeline with safe_serialization=True); or "
-            f"{OFFLINE_CHOICES}."
-        )
-    return model
-
-
-def native_size(model):
-    return NATIVE_SIZE.get(resolve_model(model, verbose=False), 1024)
 
 
 def low_precision_dtype(device=None, verbose=True):
@@ -161,7 +103,7 @@ def load_pipeline(model="auto", dtype=torch.float32, device=None, verbose=True):
         pipe = _from_pretrained(model, dtype, fp16_safe_vae(dtype) if vae_plan == "fp16-fix" else None, verbose)
     # The tiny model is built in fp32 and cast, so that every dtype starts from the same weights; sdxl-random is built
     # in `dtype` already (the cast changes nothing), where a float32 copy would need 13.9 GB.
-    with _quiet_diffusers():
+    with quiet_diffusers():
         pipe = pipe.to(device=device, dtype=dtype)
         _apply_vae_plan(pipe, vae_plan, verbose)
     pipe.set_progress_bar_config(disable=True)
@@ -202,7 +144,7 @@ def fp16_safe_vae(dtype):
     except (OSError, ValueError) as error:
         raise ModelUnavailable(
             f"Could not load {FP16_SAFE_VAE!r}, the VAE that decodes SDXL in float16 on GPUs without bfloat16 "
-            f"({_first_line(error)}); check your connection, or {OFFLINE_CHOICES}."
+            f"({first_line(error)}); check your connection, or {OFFLINE_CHOICES}."
         ) from None
     vae.register_to_config(force_upcast=False)
     return vae
@@ -225,7 +167,7 @@ def parameter_count(model):
     if not folder.is_dir():
         return SDXL_PARAMETERS
     count = 0
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         with safe_open(path, framework="pt") as weights:
             count += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
     return count
@@ -239,82 +181,6 @@ def _tiny_parameters():
     return sum(p.numel() for name in PIPELINE_MODELS for p in getattr(tiny, name).parameters())
 
 
-def download(model, verbose=True):
-    """Fetch a hub model's files once, with a progress bar, and return the local folder that holds them.
-
-    The fp16 files where the repository has them: for the real SDXL about 6.9 GB (3.47 billion parameters at two
-    bytes) instead of 13.9 GB of fp32 ones. Every step loads these same files, the fp32 baseline upcasting them, so
-    every step starts from identical weights and quality differences measure only the optimizations. A repository
-    without fp16 files gives its default ones. A local folder is returned as it is; the models built in code give None.
-    """
-    model = check_model(resolve_model(model, verbose=False))
-    if model in OFFLINE_MODELS:
-        return None
-    if Path(model).expanduser().is_dir():
-        return Path(model).expanduser()
-    try:
-        with _quiet_diffusers():
-            return Path(_download_preferring_fp16(model, verbose))
-    except (OSError, ValueError) as error:
-        raise _unavailable(model, error) from None
-
-
-def _download_preferring_fp16(model, verbose):
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.download(model, variant="fp16", use_safetensors=True)
-    except ValueError as error:  # diffusers refuses a variant that the repository doesn't have
-        if "variant" not in str(error):
-            raise
-    if verbose:
-        print(f"{model} has no fp16 files: downloading its default ones.")
-    return DiffusionPipeline.download(model, use_safetensors=True)
-
-
-def fp16_variant(folder):
-    """"fp16" where a component of the pipeline in `folder` has fp16 weight files, else None (its default files)."""
-    return "fp16" if any(_is_fp16(path) for path in _weight_files(Path(folder))) else None
-
-
-def _weight_files(folder):
-    """The weight files from_pretrained reads in `folder`: each component's fp16 ones where it has them."""
-    files = []
-    for component in _components(folder):
-        found = sorted((folder / component).glob("*.safetensors"))
-        fp16 = [path for path in found if _is_fp16(path)]
-        files += fp16 if fp16 else [path for path in found if len(path.suffixes) == 1]
-    return files
-
-
-def _components(folder):
-    """The pipeline's component folders, as model_index.json names them (a cloned repository holds others too)."""
-    index = json.loads((folder / "model_index.json").read_text())
-    return [name for name in index if not name.startswith("_") and (folder / name).is_dir()]
-
-
-def _is_fp16(path):
-    # diffusers' naming: model.fp16.safetensors, or model.fp16-00001-of-00002.safetensors when sharded
-    return len(path.suffixes) > 1 and path.suffixes[-2].startswith(".fp16")
-
-
-@contextmanager
-def _quiet_diffusers():
-    """Silence diffusers' warnings where this module says what happened in one line of its own.
-
-    They are its advice to cast through from_pretrained, which models built in code can't follow, and its
-    multi-line notice that the hub is out of reach.
-    """
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
 def _from_pretrained(model, dtype, vae=None, verbose=True):
     from diffusers import StableDiffusionXLPipeline
 
@@ -325,16 +191,6 @@ def _from_pretrained(model, dtype, vae=None, verbose=True):
             str(folder), dtype=dtype, use_safetensors=True, variant=fp16_variant(folder), **components
         )
     except (OSError, ValueError) as error:
-        raise _unavailable(model, error) from None
+        raise unavailable(model, error) from None
 
 
-def _unavailable(model, error):
-    if Path(model).expanduser().is_dir():
-        advice = "check that the folder holds the whole pipeline, each model's weights as .safetensors files"
-    else:
-        advice = "check the id and your connection or token"
-    return ModelUnavailable(f"Could not load {model!r} ({_first_line(error)[:200]}); {advice}, or {OFFLINE_CHOICES}.")
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

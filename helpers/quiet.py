@@ -9,10 +9,9 @@ filters; `helpers` imports it before anything imports diffusers.
 import logging
 import os
 import re
+import sys
 import tempfile
 import warnings
-
-import torch
 
 SILENCED = (
     # SDXL's pipeline imports CLIP's image processor, which it never uses; transformers wants torchvision for it.
@@ -22,10 +21,6 @@ SILENCED = (
     # torchao registers its enums with torch's pytree the way older torch versions needed.
     ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
 )
-# torchao's CUDA extensions can't load into a CPU-only torch, and nothing on a CPU calls them. With a CUDA torch the
-# same message means a torchao built for another torch, which the user must hear.
-if torch.version.cuda is None:
-    SILENCED += (("torchao", "Failed to load"),)
 
 
 class DropMatching(logging.Filter):
@@ -35,6 +30,19 @@ class DropMatching(logging.Filter):
 
     def filter(self, record):
         return self.text not in record.getMessage()
+
+
+class DropMatchingOnCpuTorch(DropMatching):
+    """Drops the records that hold `text` only where torch is a build without CUDA. This module imports no torch (the
+    runner's own process needs none); the loggers it filters belong to libraries that import torch first."""
+
+    def filter(self, record):
+        return super().filter(record) or sys.modules["torch"].version.cuda is not None
+
+
+# torchao's CUDA extensions can't load into a CPU-only torch, and nothing on a CPU calls them. With a CUDA torch the
+# same message means a torchao built for another torch, which the user must hear.
+SILENCED_ON_CPU_TORCH = (("torchao", "Failed to load"),)
 
 
 # Python warnings, by the start of their text and their category.
@@ -51,13 +59,22 @@ SILENCED_WARNINGS = (
 )
 
 
+def silenced_texts():
+    """The texts of the log records that this process drops."""
+    import torch  # imported already wherever one of them can be logged
+
+    cpu_only = [text for _, text in SILENCED_ON_CPU_TORCH] if torch.version.cuda is None else []
+    return [text for _, text in SILENCED] + cpu_only
+
+
 def silence_known_warnings():
     for text, category in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(text), category=category)
-    for logger_name, text in SILENCED:
-        logger = logging.getLogger(logger_name)
-        if not any(isinstance(f, DropMatching) and f.text == text for f in logger.filters):
-            logger.addFilter(DropMatching(text))
+    for kind, silenced in ((DropMatching, SILENCED), (DropMatchingOnCpuTorch, SILENCED_ON_CPU_TORCH)):
+        for logger_name, text in silenced:
+            logger = logging.getLogger(logger_name)
+            if not any(type(f) is kind and f.text == text for f in logger.filters):
+                logger.addFilter(kind(text))
 
 
 

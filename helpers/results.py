@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .files import OutputError, output_error, write_atomically, write_new
-from .machine import device_name, driver_version, package_versions, precision_settings
-from .timing import measurement_sentence
+from .sentences import measurement_sentence
 
 RESULTS_FILE = "results.json"
 STATUSES = ("ok", "out_of_memory", "failed", "stopped", "skipped")
@@ -27,7 +26,11 @@ _BETWEEN_RECORDS = re.compile(r"[\s,]*")
 
 def base_record(params):
     """What every record says, whatever it measured: where (device, driver, versions), with what parameters, from
-    which executed notebook (where the runner made one), and when."""
+    which executed notebook (where the runner made one), and when. The machine's facts are read through torch, which
+    this module imports only here: the runner's own process, which makes a record only for a step that failed, starts
+    without it."""
+    from .machine import device_name, driver_version, package_versions
+
     return {
         "device": device_name(),
         "driver": driver_version(),
@@ -45,7 +48,8 @@ def make_record(step, measurement, params, *, dtype, image_file=None, quality=No
     It names its own image, the baseline image its quality was scored against, and the executed notebook that made
     it (where the runner made one)."""
     from .images import image_size
-    from .models import resolve_model
+    from .machine import precision_settings
+    from .sources import resolve_model
     from .steps import get_step
 
     step = get_step(step)

@@ -35,9 +35,9 @@ from .kernels import (
     sigterm_as_interrupt,
     stop_kernels,
 )
-from .models import check_model, download, resolve_model
 from .params import Params, cell_names
 from .results import EXECUTED_NOTEBOOK_ENV, append_record, make_record
+from .sources import check_model, download, resolve_model
 from .steps import STEP_IDS, select_steps
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"

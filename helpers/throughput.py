@@ -19,7 +19,8 @@ from .memory import free_memory
 from .models import ACTIVATION_BYTES
 from .regions import call_with_cudagraph_fallback, last_cudagraph_fallback, recompile_limit_hits
 from .results import append_record, make_record
-from .timing import benchmark, measurement_sentence, noisy_sentence
+from .sentences import measurement_sentence, noisy_sentence
+from .timing import benchmark
 
 THROUGHPUT_DIR = "throughput"  # inside OUT_DIR: its own results.json, so the ladder's chart never reads these
 THROUGHPUT_CHART_FILE = "latency_vs_throughput.png"

@@ -22,12 +22,14 @@ from .images import describe_quality, generate, image_size, quality, side_by_sid
 from .ladder import build, build_pipeline, torchao_problem
 from .machine import device_name
 from .memory import free_memory, reset_compiler
-from .models import low_precision_dtype, native_size
+from .models import low_precision_dtype
 from .params import COMPILE_MODES
 from .recording import baseline_image
 from .regions import DEFAULT_REGIONS, REGIONS
+from .sentences import measurement_sentence
+from .sources import native_size
 from .steps import Settings, StepUnavailable, get_step
-from .timing import benchmark, measurement_sentence
+from .timing import benchmark
 
 # The peak is the weights plus one denoising step's (or the VAE decode's) activations: the number of steps doesn't
 # change it, a smaller image does.

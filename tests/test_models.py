@@ -14,7 +14,8 @@ import helpers.offline as offline
 from helpers import Params, generate, load_pipeline
 from helpers.errors import GpuMemoryBusy, ModelUnavailable
 from helpers.memory import gpu_memory_held_by_others
-from helpers.models import check_model, download, float16_vae, low_precision_dtype, resolve_model
+from helpers.models import float16_vae, low_precision_dtype
+from helpers.sources import check_model, download, resolve_model
 
 TINY_PARAMS = Params(model="tiny", steps=2, height=64, width=64)
 GPU_UUID = "8a6f2b1c-0d3e-4f5a-9b8c-7d6e5f4a3b2c"

@@ -163,11 +163,11 @@ def test_clean_strips_what_a_run_leaves_and_nothing_else(tmp_path, capsys):
 
 
 def test_console_shows_each_notebook_its_result_and_no_library_noise(series):
-    from helpers.quiet import SILENCED
+    from helpers.quiet import silenced_texts
 
     _, _, log = series
     for step in STEPS:
         assert f"== {step.id} {step.title} ({step.notebook})" in log
     assert len(re.findall(r"^   \d+\.\d+ s median \(IQR \d+\.\d+ s\) on .+; first call", log, re.MULTILINE)) == 7
-    for text in [text for _, text in SILENCED] + ["without encryption"]:
+    for text in silenced_texts() + ["without encryption"]:
         assert text not in log, text

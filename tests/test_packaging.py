@@ -40,23 +40,26 @@ def test_importing_helpers_changes_no_torch_setting():
     assert out.strip().endswith("True")
 
 
-def test_the_command_line_starts_without_diffusers_or_dynamo(tmp_path):
-    """`python -m helpers` imports diffusers and torch's compiler only where a command builds or compiles a pipeline:
-    a run's own process, which starts a kernel for each notebook, and a refusal of bad input don't wait for them. Nor
-    does it wait for jsonschema's "iri" format check, which nbformat never uses (helpers/__main__.py says why): here
-    the `clean` command, which reads and writes a notebook with nbformat."""
+def test_the_command_line_starts_without_torch(tmp_path):
+    """`python -m helpers` imports torch (and diffusers, and torch's compiler) only where a command builds or compiles
+    a pipeline: a run's own process, which checks the model and starts a kernel for each notebook, and a refusal of bad
+    input don't wait for it. Nor does it wait for jsonschema's "iri" format check, which nbformat never uses
+    (helpers/__main__.py says why): here the `clean` command, which reads and writes a notebook with nbformat, and a
+    run of the tiny model refused for a step that doesn't exist, after the runner's modules are imported."""
     import shutil
     import subprocess
     import sys
 
     notebook = shutil.copy(ROOT / "notebooks" / "01_baseline.ipynb", tmp_path)
     probe = (
-        "import sys, helpers.__main__ as cli; status = cli.main(['clean', sys.argv[1]]); import jsonschema; "
-        "print(status, [m for m in ('diffusers', 'torch._dynamo', 'torch._inductor') if m in sys.modules], "
+        "import sys, helpers.__main__ as cli, helpers.runner; status = cli.main(['clean', sys.argv[1]]); "
+        "refused = cli.main(['run', '--model', 'tiny', '--only', '99', '--out', sys.argv[2]]); import jsonschema; "
+        "print(status, refused, [m for m in ('torch', 'diffusers') if m in sys.modules], "
         "'iri' in jsonschema.FormatChecker().checkers)"
     )
-    out = subprocess.run([sys.executable, "-c", probe, notebook], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "0 [] False"
+    out = subprocess.run([sys.executable, "-c", probe, notebook, tmp_path / "run"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 2 [] False"
 
 
 def test_code_is_linted():
@@ -73,13 +76,13 @@ def test_importing_helpers_is_quiet_but_only_about_known_warnings():
     import subprocess
     import sys
 
-    from helpers.quiet import SILENCED
+    from helpers.quiet import silenced_texts
 
     probe = (
         "import logging, helpers; "
         "logging.getLogger('transformers.utils.import_utils').warning('a warning the user must see')"
     )
     err = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stderr
-    for _, text in SILENCED:
+    for text in silenced_texts():
         assert text not in err
     assert "a warning the user must see" in err

@@ -8,9 +8,9 @@ from conftest import ROOT
 
 from helpers.files import OutputError, new_file
 from helpers.machine import device_name
-from helpers.models import native_size, resolve_model
 from helpers.params import Params
 from helpers.results import RESULTS_FILE, append_record, latest_records, load_records, make_record
+from helpers.sources import native_size, resolve_model
 from helpers.timing import Measurement
 
 

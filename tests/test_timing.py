@@ -90,7 +90,7 @@ def test_a_wide_spread_is_flagged(samples, noisy):
 
 
 def test_one_sentence_writes_every_measurement():
-    from helpers.timing import measurement_sentence
+    from helpers.sentences import measurement_sentence
 
     assert measurement_sentence(0.0844, 0.0021, runs=5, device="NVIDIA H100", first_call_s=12.3) == (
         "0.084 s median (IQR 0.002 s, 5 runs) on NVIDIA H100; first call 12.30 s")
