@@ -49,10 +49,11 @@ def quality(image, baseline):
     theirs = torch.from_numpy(np.asarray(baseline.convert("RGB"), dtype=np.float64) / 255)
     if ours.shape != theirs.shape:
         return None
-    squared_error = float(((ours - theirs) ** 2).mean())
+    difference = ours - theirs
+    squared_error = float((difference**2).mean())
     psnr = None if squared_error == 0 else -10 * float(np.log10(squared_error))  # the pixels' range is 1
     score = float(ssim(ours.permute(2, 0, 1)[None], theirs.permute(2, 0, 1)[None], data_range=1.0))
-    return {"psnr_db": psnr, "ssim": score, "max_abs_diff": float((ours - theirs).abs().max())}
+    return {"psnr_db": psnr, "ssim": score, "max_abs_diff": float(difference.abs().max())}
 
 
 def describe_quality(scores):

@@ -9,7 +9,6 @@ filters; `helpers` imports it before anything imports diffusers.
 import logging
 import os
 import re
-import sys
 import tempfile
 import warnings
 
@@ -33,11 +32,18 @@ class DropMatching(logging.Filter):
 
 
 class DropMatchingOnCpuTorch(DropMatching):
-    """Drops the records that hold `text` only where torch is a build without CUDA. This module imports no torch (the
-    runner's own process needs none); the loggers it filters belong to libraries that import torch first."""
+    """Drops the records that hold `text` only where torch is a build without CUDA. This module imports no torch at
+    its own import (the runner's own process needs none); the loggers it filters belong to libraries that import torch
+    first."""
+
+    @staticmethod
+    def applies():
+        import torch
+
+        return torch.version.cuda is None
 
     def filter(self, record):
-        return super().filter(record) or sys.modules["torch"].version.cuda is not None
+        return super().filter(record) or not self.applies()
 
 
 # torchao's CUDA extensions can't load into a CPU-only torch, and nothing on a CPU calls them. With a CUDA torch the
@@ -61,9 +67,7 @@ SILENCED_WARNINGS = (
 
 def silenced_texts():
     """The texts of the log records that this process drops."""
-    import torch  # imported already wherever one of them can be logged
-
-    cpu_only = [text for _, text in SILENCED_ON_CPU_TORCH] if torch.version.cuda is None else []
+    cpu_only = [text for _, text in SILENCED_ON_CPU_TORCH] if DropMatchingOnCpuTorch.applies() else []
     return [text for _, text in SILENCED] + cpu_only
 
 

@@ -22,6 +22,7 @@ SMALL = dict(model="tiny", height=64, width=64, steps=2, compile_mode="default")
 # What `cache_file` was warmed for: the tiny model at the series' size in the course's compile mode. The series'
 # notebook 07 compiles the same C++ kernels, so the session's compiler cache compiles them once.
 WARMED = dict(model="tiny", height=SERIES_SIZE, width=SERIES_SIZE, steps=2, compile_mode="max-autotune")
+WARMED_ARGS = ["--model", "tiny", "--height", str(SERIES_SIZE), "--width", str(SERIES_SIZE)]  # the same, for the CLI
 
 
 def run_helpers(*args, env=None):
@@ -35,8 +36,8 @@ def cache_file(tmp_path_factory):
     compile-cache file that the tests below read, refuse, damage and start a run warm from."""
     folder = tmp_path_factory.mktemp("compile-cache")
     path = folder / "room.zip"
-    done = run_helpers("warm", "--model", "tiny", "--height", str(SERIES_SIZE), "--width", str(SERIES_SIZE), "--only",
-                       "07", "--out", str(path), "--no-progress", env={"TORCHINDUCTOR_CACHE_DIR": str(folder / "own")})
+    done = run_helpers("warm", *WARMED_ARGS, "--only", "07", "--out", str(path), "--no-progress",
+                       env={"TORCHINDUCTOR_CACHE_DIR": str(folder / "own")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "07 regional compile: compiled in" in done.stdout and f"--compile-cache {path}" in done.stdout
     return path
@@ -281,18 +282,16 @@ def test_a_run_with_the_file_that_warm_made_starts_warm_from_it(cache_file, tmp_
     """The runner's notebook 07 (without its optional sections, which compile other shapes) with --compile-cache
     `cache_file`, made by `python -m helpers warm`, in a fresh Inductor cache folder: the record says the first call
     was warm, from the file."""
-    file = cache_file
-    size = ["--model", "tiny", "--height", str(SERIES_SIZE), "--width", str(SERIES_SIZE)]
-    done = run_helpers("run", *size, "--steps", "2", "--warmup", "0", "--runs", "1", "--only", "07", "--no-extras",
-                       "--no-progress", "--compile-cache", str(file), "--out", str(tmp_path / "run"),
-                       env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "attendee")})
+    done = run_helpers("run", *WARMED_ARGS, "--steps", "2", "--warmup", "0", "--runs", "1", "--only", "07",
+                       "--no-extras", "--no-progress", "--compile-cache", str(cache_file),
+                       "--out", str(tmp_path / "run"), env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "attendee")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Compile cache: room.zip, steps 07, made on" in done.stdout
     (record,) = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["compile_cache"]["first_call"] == "warm" and record["compile_cache"]["warm_from"] == "room.zip"
     assert record["compile_cache"]["fx_graph_cache"]["misses"] == 0
     assert record["compile_cache"]["fx_graph_cache"]["hits"] >= 1
-    assert record["params"]["compile_cache"] == str(file)
+    assert record["params"]["compile_cache"] == str(cache_file)
     (executed,) = (tmp_path / "run" / "notebooks").glob("07_*.ipynb")
     printed = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"
                       for o in c.get("outputs", []))
