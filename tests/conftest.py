@@ -147,9 +147,9 @@ class SeriesRun:
     Without a GPU, appendix 08 runs in a second runner into the same folder (runs may share one), its output going to
     `appendix.log`: it starts once step 05 is recorded, so that it runs beside notebooks 06 and 07 and the other
     tests, not after them with one core left idle, and its starts find the C++ kernels of step 04 compiled. Its
-    comparison with notebooks 06 and 07 still finds their records: in a fresh clone's run, 07 recorded its step 3.1
-    minutes after 05 did, 06 compiling meanwhile, and 08 reached the comparison 7 minutes after it started, past its
-    five starts (test_coldstart checks that it printed the comparison)."""
+    comparison with notebooks 06 and 07, its last cells, still finds their records: in two fresh clones' runs, 07
+    recorded its step 4.2 and 4.6 minutes after 05 did, 06 compiling meanwhile, and 08 ended 7.5 and 8.3 minutes after
+    it started, past its five starts (test_coldstart checks that it printed the comparison)."""
 
     def __init__(self, out, tiny_folder, cache, appendix_beside=True):
         self.out, self.logs, self.processes = out, [], []
