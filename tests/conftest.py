@@ -1,5 +1,7 @@
 import atexit
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shlex
@@ -108,14 +110,19 @@ def notebook_cells(notebook, tag):
     return [c.source for c in nb.cells if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
+def save_tiny(tmp_path_factory):
     """The tiny model saved as a diffusers folder, so that it loads by `from_pretrained`, the way SDXL does."""
     import helpers
 
     folder = tmp_path_factory.mktemp("tiny-sdxl")
     helpers.load_pipeline("tiny", verbose=False).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny model's folder (`save_tiny`): the one the series was started with, if it started before collection."""
+    return EARLY["tiny_folder"] if "tiny_folder" in EARLY else save_tiny(tmp_path_factory)
 
 
 # Started with the series: waits until the run in process argv[2] has recorded step argv[3] in the results file argv[1]
@@ -198,21 +205,55 @@ def series_run(tmp_path_factory, tiny_folder):
     by `from_pretrained`: the path users take with SDXL (the model built in memory is `--model tiny`). Appendix 08
     runs in the course's compile mode only, and with one choice of regions (the other modes and choices are the same
     code; test_regional checks what each choice compiles); with a GPU after the seven steps, in the same run."""
-    # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
-    run = SeriesRun(tmp_path_factory.mktemp("series"), tiny_folder, tmp_path_factory.mktemp("inductor"),
-                    appendix_beside=not torch.cuda.is_available())
+    run = EARLY.get("series_run") or start_series(tmp_path_factory, tiny_folder)
     yield run
     run.stop()
 
 
+def start_series(tmp_path_factory, tiny_folder):
+    # One Inductor cache for all notebooks: kernels compiled by 04 are reused by 05 to 07 (CI time).
+    return SeriesRun(tmp_path_factory.mktemp("series"), tiny_folder, tmp_path_factory.mktemp("inductor"),
+                     appendix_beside=not torch.cuda.is_available())
+
+
+# The series started before collection, and the tiny model's folder it runs on (pytest_sessionstart).
+EARLY = {}
+
+
+def pytest_sessionstart(session):
+    """Without a GPU, the whole suite (the README's command: the configured test folder, no -k, -m, --lf, --sw or
+    --co) starts the series before collecting the tests, which takes about 30 s on one core on a fresh clone (each
+    module's first import compiles its bytecode). Saving the tiny model imports what collection would import anyway,
+    so the series starts after that, about 12 s in, and runs beside the rest of collection, on the core it leaves
+    idle. Should no collected test read the series after all, `series_in_the_background` stops it."""
+    config = session.config
+    factory = getattr(config, "_tmp_path_factory", None)  # what the tmp_path_factory fixture returns
+    option = config.option
+    whole_suite = (config.args_source is pytest.Config.ArgsSource.TESTPATHS and not option.keyword
+                   and not option.markexpr and not option.lf and not option.stepwise and not option.collectonly)
+    if factory is not None and whole_suite and not torch.cuda.is_available():
+        with contextlib.redirect_stderr(io.StringIO()):  # diffusers' progress bar: no fixture's capture runs yet
+            EARLY["tiny_folder"] = save_tiny(factory)
+        EARLY["series_run"] = start_series(factory, EARLY["tiny_folder"])
+
+
+def pytest_sessionfinish(session):
+    if "series_run" in EARLY:  # stopped by series_run's teardown already, unless no test asked for it
+        EARLY["series_run"].stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def series_in_the_background(request):
-    """On a machine without a GPU the series starts with the session when a collected test reads it, and the other
-    tests run meanwhile: a cold compile of the tiny pipeline keeps about 1.3 of 2 cores busy (user+sys over wall time),
-    and the other tests wait on process starts. From two fresh clones of the same tests on a 2-core machine: 1557 s
-    so, 1969 s one after the other. With a GPU it starts when a test first reads it, and nothing runs beside it."""
-    if not torch.cuda.is_available() and any("series" in item.fixturenames for item in request.session.items):
+    """On a machine without a GPU the series starts before collection (`pytest_sessionstart`) or else with the
+    session when a collected test reads it, and the other tests run meanwhile: a cold compile of the tiny pipeline
+    keeps about 1.3 of 2 cores busy (user+sys over wall time), and the other tests wait on process starts. From two
+    fresh clones of the same tests on a 2-core machine: 1557 s so, 1969 s one after the other. With a GPU it starts
+    when a test first reads it, and nothing runs beside it."""
+    needed = any("series" in item.fixturenames for item in request.session.items)
+    if not torch.cuda.is_available() and needed:
         yield_to(request.getfixturevalue("series_run").process.pid)
+    elif "series_run" in EARLY:  # started before collection, but no collected test reads it
+        EARLY.pop("series_run").stop()
 
 
 def yield_to(series_pid):
