@@ -24,9 +24,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(launcher, args, out, env=None, wait=True):
-    """scripts/generate_many.py in two CPU processes over gloo, by torchrun or accelerate launch; with `wait=False`,
-    the running launcher (a Popen). `--log_dir /dev/null`: torchrun makes no torchelastic_* folder in /tmp."""
+def launch(launcher, args, out, env=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
+    """scripts/generate_many.py in two CPU processes over gloo, by torchrun or accelerate launch: the running launcher
+    (a Popen). `--log_dir /dev/null`: torchrun makes no torchelastic_* folder in /tmp."""
     bin_dir = Path(sys.executable).parent
     if launcher == "torchrun":
         command = [bin_dir / "torchrun", "--standalone", "--nproc_per_node", "2"]
@@ -36,9 +36,25 @@ def launch(launcher, args, out, env=None, wait=True):
     command = [*map(str, command), "--log_dir", os.devnull, "scripts/generate_many.py", *SCRIPT_ARGS, *args,
                "--out", str(out)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}  # the CPU form, also on a GPU machine
-    if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=240, env=env)
+    return subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, cwd=ROOT, env=env)
+
+
+class Job:
+    """A job launched in the background, its output going to two files beside its --out folder."""
+
+    def __init__(self, launcher, prompts, out, args=(), env=None):
+        self.out, self.logs = out, [out.parent / f"{out.name}.{stream}" for stream in ("stdout", "stderr")]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prompts_file = out.parent / f"{out.name}-prompts.txt"
+        prompts_file.write_text("\n".join(prompts) + "\n\n")
+        with open(self.logs[0], "w") as stdout, open(self.logs[1], "w") as stderr:
+            self.process = launch(launcher, ["--prompts", str(prompts_file), *args], out, env, stdout, stderr)
+
+    def result(self):
+        """The finished launcher's exit status and output (a CompletedProcess)."""
+        self.process.wait(timeout=240)
+        stdout, stderr = (log.read_text() for log in self.logs)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, stdout, stderr)
 
 
 def output(proc):
@@ -56,16 +72,68 @@ def script():
     return load_script("generate_many")
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """Seven prompts, two per call, by torchrun, with --timeout 5: (the folder, the finished process)."""
-    folder = tmp_path_factory.mktemp("job")
-    prompts = folder / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n\n")
-    out = folder / "many"
-    proc = launch("torchrun", ["--prompts", str(prompts), "--batch-size", "2", "--timeout", "5"], out)
+@pytest.mark.slow
+def test_a_killed_process_costs_only_its_unfinished_images(tmp_path, script, capsys):
+    out, args = tmp_path / "many", ["--prompt", "a red fox", "--copies", "10"]
+    running = launch("torchrun", args, out)
+    try:
+        parts = [out / "parts" / f"rank-{rank}.jsonl" for rank in (0, 1)]
+        while not all(part.is_file() and part.read_text().count("\n") >= 1 for part in parts):  # each rank made one
+            assert running.poll() is None, running.communicate()
+            time.sleep(0.05)
+        rank_1 = [p for p in psutil.Process(running.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        rank_1[0].kill()  # SIGKILL: no handler runs; torchrun then stops rank 0
+        running.communicate(timeout=120)
+    finally:
+        running.kill()
+    assert running.returncode != 0 and not (out / "results.json").exists()
+    kept = [r for records in part_lines(out).values() for r in records]
+    assert {r["rank"] for r in kept} == {0, 1} and all((out / r["image"]).is_file() for r in kept)
+
+    assert script.main(["--merge", "--out", str(out)]) == 0
+    assert f"Added {len(kept)} record(s)" in capsys.readouterr().out
+    merged = json.loads((out / "results.json").read_text())
+    assert sorted(r["prompt_index"] for r in merged) == sorted(r["prompt_index"] for r in kept)
+
+    # The same job again, in one process (the split over two is the job fixture's): it makes only what is missing.
+    proc = subprocess.run([sys.executable, "scripts/generate_many.py", *SCRIPT_ARGS, *args, "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=240,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, output(proc)
-    return out, proc
+    assert f"Skipped {len(kept)} of 10 images" in proc.stdout
+    assert f"{10 - len(kept)} of {10 - len(kept)} images made by 1 process(es)" in proc.stdout
+    records = json.loads((out / "results.json").read_text())
+    assert sorted(r["prompt_index"] for r in records) == list(range(10))
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """The three jobs of the tests below, started at once: six processes, which keep both cores busy also once the
+    notebook series has ended (a job alone leaves one idle while its main process loads first). {name: Job}."""
+    folder = tmp_path_factory.mktemp("jobs")
+    fail = {"GENERATE_MANY_FAIL_ON": "BOOM"}
+    started = {
+        # seven prompts, two per call, with --timeout 5
+        "done": Job("torchrun", PROMPTS, folder / "many", ["--batch-size", "2", "--timeout", "5"]),
+        # rank 1 fails at its second prompt, after making one image
+        "fails": Job("accelerate", PROMPTS[:4] + ["BOOM goes rank 1"] + PROMPTS[4:5], folder / "fails", env=fail),
+        # rank 1's share starts with the failing prompt: its warm-up, the end of its loading, raises
+        "fails to load": Job("torchrun", PROMPTS[:3] + ["BOOM at rank 1's warm-up"] + PROMPTS[3:5],
+                             folder / "fails-to-load", env=fail),
+    }
+    yield started
+    for job in started.values():
+        if job.process.poll() is None:  # a test failed first
+            job.process.kill()
+            job.process.wait()
+
+
+@pytest.fixture(scope="module")
+def job(jobs):
+    """Seven prompts, two per call, by torchrun, with --timeout 5: (the folder, the finished process)."""
+    proc = jobs["done"].result()
+    assert proc.returncode == 0, output(proc)
+    return jobs["done"].out, proc
 
 
 @pytest.mark.slow
@@ -105,11 +173,8 @@ def test_each_process_keeps_its_records_as_it_makes_them(job):
 
 
 @pytest.mark.slow
-def test_a_failing_process_is_named_and_the_job_fails(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS[:4] + ["BOOM goes rank 1"] + PROMPTS[4:5]) + "\n")
-    out = tmp_path / "many"
-    proc = launch("accelerate", ["--prompts", str(prompts)], out, env={"GENERATE_MANY_FAIL_ON": "BOOM"})
+def test_a_failing_process_is_named_and_the_job_fails(jobs):
+    out, proc = jobs["fails"].out, jobs["fails"].result()
     assert proc.returncode != 0
     line = f"rank 1 on {HOST} failed: RuntimeError: a prompt holds 'BOOM'"
     assert line in proc.stderr, output(proc)
@@ -121,12 +186,8 @@ def test_a_failing_process_is_named_and_the_job_fails(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_process_that_fails_to_load_is_named_and_none_generates(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    # Rank 1's share starts with the failing prompt: its warm-up, the end of its loading, raises.
-    prompts.write_text("\n".join(PROMPTS[:3] + ["BOOM at rank 1's warm-up"] + PROMPTS[3:5]) + "\n")
-    out = tmp_path / "many"
-    proc = launch("torchrun", ["--prompts", str(prompts)], out, env={"GENERATE_MANY_FAIL_ON": "BOOM"})
+def test_a_process_that_fails_to_load_is_named_and_none_generates(jobs):
+    out, proc = jobs["fails to load"].out, jobs["fails to load"].result()
     assert proc.returncode != 0
     line = f"rank 1 on {HOST} failed: RuntimeError: a prompt holds 'BOOM'"
     assert proc.stderr.count(line) == 1, output(proc)
@@ -134,40 +195,6 @@ def test_a_process_that_fails_to_load_is_named_and_none_generates(tmp_path):
     assert not (out / "images").exists() and not (out / "parts").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert [rank["images"] for rank in summary["ranks"]] == [0, 0] and len(summary["failures"]) == 1
-
-
-@pytest.mark.slow
-def test_a_killed_process_costs_only_its_unfinished_images(tmp_path, script, capsys):
-    out, args = tmp_path / "many", ["--prompt", "a red fox", "--copies", "10"]
-    running = launch("torchrun", args, out, wait=False)
-    try:
-        parts = [out / "parts" / f"rank-{rank}.jsonl" for rank in (0, 1)]
-        while not all(part.is_file() and part.read_text().count("\n") >= 1 for part in parts):  # each rank made one
-            assert running.poll() is None, running.communicate()
-            time.sleep(0.05)
-        rank_1 = [p for p in psutil.Process(running.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
-        rank_1[0].kill()  # SIGKILL: no handler runs; torchrun then stops rank 0
-        running.communicate(timeout=120)
-    finally:
-        running.kill()
-    assert running.returncode != 0 and not (out / "results.json").exists()
-    kept = [r for records in part_lines(out).values() for r in records]
-    assert {r["rank"] for r in kept} == {0, 1} and all((out / r["image"]).is_file() for r in kept)
-
-    assert script.main(["--merge", "--out", str(out)]) == 0
-    assert f"Added {len(kept)} record(s)" in capsys.readouterr().out
-    merged = json.loads((out / "results.json").read_text())
-    assert sorted(r["prompt_index"] for r in merged) == sorted(r["prompt_index"] for r in kept)
-
-    # The same job again, in one process (the split over two is the job fixture's): it makes only what is missing.
-    proc = subprocess.run([sys.executable, "scripts/generate_many.py", *SCRIPT_ARGS, *args, "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=240,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, output(proc)
-    assert f"Skipped {len(kept)} of 10 images" in proc.stdout
-    assert f"{10 - len(kept)} of {10 - len(kept)} images made by 1 process(es)" in proc.stdout
-    records = json.loads((out / "results.json").read_text())
-    assert sorted(r["prompt_index"] for r in records) == list(range(10))
 
 
 def refused(script, monkeypatch, capsys, argv):
