@@ -62,6 +62,9 @@ SILENCED_WARNINGS = (
     # subclass by its own default (`_default_stable_hash_for_caching`: shape, metadata and inner tensors) and asks
     # torchao to define the method; a hint for torchao, not the user.
     ("Int8Tensor does not implement _stable_hash_for_caching", UserWarning),
+    # diffusers' `load_config` passes `local_dir_use_symlinks`, which huggingface_hub deprecated and ignores, to
+    # `hf_hub_download` for a model loaded from the hub on its own (the fp16-safe VAE: `AutoencoderKL.from_pretrained`).
+    ("The `local_dir_use_symlinks` argument is deprecated and ignored", UserWarning),
 )
 
 

@@ -86,3 +86,28 @@ def test_importing_helpers_is_quiet_but_only_about_known_warnings():
     for text in silenced_texts():
         assert text not in err
     assert "a warning the user must see" in err
+
+
+def test_diffusers_deprecated_hub_argument_is_silenced_and_nothing_else(offline_hub):
+    """diffusers' `load_config` passes huggingface_hub a deprecated argument when a model is loaded from the hub on
+    its own, as the fp16-safe VAE is (warned before any download, so offline too): heard without the course's
+    filters, silenced with them."""
+    import warnings
+
+    from diffusers import AutoencoderKL
+
+    from helpers.quiet import silence_known_warnings
+
+    def warned(silenced):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("always")
+            if silenced:
+                silence_known_warnings()
+            with pytest.raises(OSError):  # offline, with an empty cache
+                AutoencoderKL.load_config("madebyollin/sdxl-vae-fp16-fix")
+            warnings.warn("a warning the user must see", stacklevel=1)
+        return [str(w.message) for w in caught]
+
+    assert any("`local_dir_use_symlinks` argument is deprecated" in message for message in warned(silenced=False))
+    assert warned(silenced=True) == ["a warning the user must see"]
