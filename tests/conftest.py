@@ -239,7 +239,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session):
-    if "series_run" in EARLY:  # stopped by series_run's teardown already, unless no test asked for it
+    if "series_run" in EARLY:  # the session ended before any test ran (a collection error, Ctrl-C): nothing stopped it
         EARLY["series_run"].stop()
 
 

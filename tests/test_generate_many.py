@@ -44,7 +44,6 @@ class Job:
 
     def __init__(self, launcher, prompts, out, args=(), env=None):
         self.out, self.logs = out, [out.parent / f"{out.name}.{stream}" for stream in ("stdout", "stderr")]
-        out.parent.mkdir(parents=True, exist_ok=True)
         prompts_file = out.parent / f"{out.name}-prompts.txt"
         prompts_file.write_text("\n".join(prompts) + "\n\n")
         with open(self.logs[0], "w") as stdout, open(self.logs[1], "w") as stderr:
