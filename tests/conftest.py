@@ -229,9 +229,10 @@ def pytest_sessionstart(session):
     Should no collected test read the series after all, `series_in_the_background` stops it."""
     config = session.config
     factory = getattr(config, "_tmp_path_factory", None)  # what the tmp_path_factory fixture returns
-    option = config.option
-    whole_suite = (config.args_source is pytest.Config.ArgsSource.TESTPATHS and not option.keyword
-                   and not option.markexpr and not option.lf and not option.stepwise and not option.collectonly)
+    # --lf and --sw belong to plugins that `-p no:cacheprovider` or `-p no:stepwise` leave out: read with a default.
+    narrowed = any(config.getoption(name, default=False) for name in ("keyword", "markexpr", "lf", "stepwise",
+                                                                     "collectonly"))
+    whole_suite = config.args_source is pytest.Config.ArgsSource.TESTPATHS and not narrowed
     if factory is not None and whole_suite and not torch.cuda.is_available():
         with contextlib.redirect_stderr(io.StringIO()):  # diffusers' progress bar: no fixture's capture runs yet
             EARLY["tiny_folder"] = save_tiny(factory)
