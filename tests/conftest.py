@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -76,6 +77,16 @@ if "CXX_CACHE_DIR" not in os.environ and (compiler := shutil.which(os.environ.ge
                           CXX_CACHE_DIR=tempfile.mkdtemp(prefix="compiler-cache-"))
         for folder in (launcher.parent, os.environ["CXX_CACHE_DIR"]):
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+def pytest_configure(config):
+    """helpers' warning filters (helpers/quiet.py) as the session's own: pytest restores the filters it found after
+    loading conftest files, after collecting and after each test, so those that `import helpers` installs there would
+    be gone by the next test."""
+    from helpers.quiet import SILENCED_WARNINGS
+
+    for text, category in SILENCED_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{re.escape(text)}:{category.__name__}")
+
 
 # Fixtures that take over 15 s here: the series, a compile-cache file made by a compile, a two-process job.
 SLOW_FIXTURES = {"series", "cache_file", "job"}
