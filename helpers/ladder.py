@@ -28,19 +28,18 @@ def use_sdpa(pipe):
     pipe.vae.set_attn_processor(AttnProcessor2_0())
 
 
-# Step 04's Inductor settings, tuned for SDXL by the tutorial; step 06 adds the int8 one (see quantize_int8).
+# Step 04's Inductor settings, tuned for SDXL by the tutorial. Step 06 adds none (see quantize_int8).
 INDUCTOR_FLAGS = {
     "conv_1x1_as_mm": True,
     "coordinate_descent_tuning": True,
     "epilogue_fusion": False,
     "coordinate_descent_check_all_directions": True,
 }
-INT8_INDUCTOR_FLAGS = {"force_fuse_int_mm_with_mul": True}
 
 
-def set_inductor_flags(flags=INDUCTOR_FLAGS):
+def set_inductor_flags():
     """Step 04: the inductor settings the SDXL tutorial tuned. They are global: they apply to every later compile."""
-    for name, value in flags.items():
+    for name, value in INDUCTOR_FLAGS.items():
         setattr(torch._inductor.config, name, value)
 
 
@@ -156,8 +155,10 @@ def weights_gb(module):
 def quantize_int8(pipe):
     """Step 06: torchao's dynamic int8 quantization (int8 weights, activations quantized per call).
 
-    `set_inductor_config=False`: the Inductor flag int8 needs is set here, visibly, instead of by torchao, whose
-    versions up to 0.17 also switched every fp32 matmul of the process to TF32 (`set_float32_matmul_precision`).
+    `set_inductor_config=False`: torchao's own setter (`recommended_inductor_config_setter`) would set five Inductor
+    flags: the two that step 04 sets already, two that are on by default, and `force_fuse_int_mm_with_mul`, which
+    torch 2.13 reads nowhere (its one reader, `check_shape_cuda_and_fused_int_mm_mul_enabled`, is never called).
+    torchao 0.17 and older also switched every fp32 matmul of the process to TF32 there.
     """
     require_torchao()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -165,7 +166,6 @@ def quantize_int8(pipe):
     if quantized_layers(pipe.unet):
         print("The UNet is already quantized; quantizing again would change nothing.")
         return
-    set_inductor_flags(INT8_INDUCTOR_FLAGS)
     quantize_(pipe.unet, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
               filter_fn=int8_filter(pipe.unet))
 
@@ -265,6 +265,6 @@ def pipeline_state(pipe):
             }.items()
             if value is not None
         },
-        "inductor_flags": {name: getattr(flags, name) for name in {**INDUCTOR_FLAGS, **INT8_INDUCTOR_FLAGS}},
+        "inductor_flags": {name: getattr(flags, name) for name in INDUCTOR_FLAGS},
         "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,  # readable whichever API set it
     }

@@ -54,7 +54,7 @@ def check_04(state):
     assert state["channels_last"]
     for part in ("unet", "vae.decode"):
         assert state["compiled"][part]["fullgraph"] and state["compiled"][part]["mode_options"]["max_autotune"]
-    assert state["inductor_flags"] == {**helpers.ladder.INDUCTOR_FLAGS, "force_fuse_int_mm_with_mul": False}
+    assert state["inductor_flags"] == helpers.ladder.INDUCTOR_FLAGS
 
 
 def check_05(state):
@@ -66,7 +66,6 @@ def check_05(state):
 
 def check_06(state):
     assert state["quantized_layers"]
-    assert state["inductor_flags"]["force_fuse_int_mm_with_mul"]
 
 
 def check_07(state):
