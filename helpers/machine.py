@@ -27,7 +27,8 @@ def package_versions():
 def precision_settings():
     """What "fp32" means for this process's matmuls and cuDNN convolutions: "tf32" (TF32 tensor cores, faster and less
     exact), "ieee" (full fp32) or "none" (no TF32). Read through torch's `fp32_precision` settings, which answer
-    whichever API set them; the older `allow_tf32` flags raise once the new API has set a flag."""
+    whichever API set them; the older `allow_tf32` getters can raise once the new API has set a value they can't
+    express."""
     return {
         "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
         "cudnn_conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
