@@ -216,20 +216,25 @@ def _start_and_measure(spec, launched):
 GPU_MINUTES = {"cold max-autotune compile": (3, 10), "other cold compile": (1, 4), "warm start": (0.5, 2)}
 
 
-def gpu_estimate(modes, compile_mode):
+def gpu_estimate(modes, compile_mode, region_choices):
     """Notebook 08's GPU time in one sentence, from what it runs: a cold start per mode of `modes` (the course's
     mode last), the package compiled in the notebook, three warm starts (cache folder, file, package) and a regional
-    cold start, each at GPU_MINUTES."""
+    cold start per choice of `region_choices`, each at GPU_MINUTES."""
     def kind(mode):
         return "cold max-autotune compile" if mode.startswith("max-autotune") else "other cold compile"
 
-    runs = [kind(mode) for mode in modes] + [kind(compile_mode), "other cold compile"] + ["warm start"] * 3
+    runs = ([kind(mode) for mode in modes] + [kind(compile_mode)] + ["other cold compile"] * len(region_choices)
+            + ["warm start"] * 3)
     low, high = (sum(GPU_MINUTES[run][end] for run in runs) for end in (0, 1))
     assumed = ", ".join(f"{a:g}-{b:g} minutes per {run}" for run, (a, b) in GPU_MINUTES.items())
-    starts = f"{len(modes)} cold start{'s' * (len(modes) > 1)} ({', '.join(modes)})"
+
+    def counted(items, name):
+        return f"{len(items)} {name}{'s' * (len(items) != 1)} ({', '.join(items)})"
+
     return (f"Estimated GPU time of this notebook with SDXL at 1024x1024 on an H100-class GPU: {low:g}-{high:g} "
-            f"minutes, for {starts}, the package's compile, a regional cold start and 3 warm starts, assuming "
-            f"{assumed} (planning figures, not measurements).")
+            f"minutes, for {counted(modes, 'cold start')}, the package's compile, "
+            f"{counted(region_choices, 'regional cold start')} and 3 warm starts, assuming {assumed} (planning "
+            f"figures, not measurements).")
 
 
 # What notebook 08 keeps and shows.

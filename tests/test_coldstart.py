@@ -234,13 +234,19 @@ def test_the_regions_chart_marks_the_full_compile_and_names_the_size():
 
 
 def test_the_appendix_states_its_gpu_time_and_what_the_estimate_rests_on():
-    sentence = coldstart.gpu_estimate(["default", "max-autotune"], "max-autotune")
+    sentence = coldstart.gpu_estimate(["default", "max-autotune"], "max-autotune", ["blocks"])
     # Cold starts of default and max-autotune, the package's max-autotune compile, a regional one, 3 warm starts.
     assert "9.5-34 minutes, for 2 cold starts (default, max-autotune)" in sentence
+    assert "1 regional cold start (blocks) and 3 warm starts" in sentence
     assert "3-10 minutes per cold max-autotune compile" in sentence and "not measurements" in sentence
+    # The notebook's defaults: four modes (two of them max-autotune) and three choices of regions, 4 + 5.5 more.
+    sentence = coldstart.gpu_estimate(["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                                      "max-autotune", ["blocks", "attention+resnets", "attention+resnets+samplers"])
+    assert "15.5-56 minutes, for 4 cold starts" in sentence and "3 regional cold starts (blocks, " in sentence
     cells = [cell for cell in nbformat.read(NOTEBOOKS / "08_cold_start.ipynb", as_version=4).cells
              if cell.cell_type == "code"]
-    assert "print(coldstart.gpu_estimate(modes, params.compile_mode))" in cells[1].source  # after the parameters
+    # after the parameters:
+    assert "print(coldstart.gpu_estimate(modes, params.compile_mode, REGION_CHOICES))" in cells[1].source
 
 
 @pytest.mark.parametrize("rewrite, height, only, refusal", [
