@@ -50,7 +50,7 @@ def parse_args(argv):
                      help="a parameter only some notebooks have, as a Python literal, e.g. "
                           "COMPILE_MODES='[\"default\"]' for 08 or BATCH_SIZES='[1, 2, 4, 8]' for 09")
     run.add_argument("--no-extras", action="store_true",
-                     help="leave out the notebooks' optional sections (07: a second size, the dynamic arm, the panel)")
+                     help="leave out the notebooks' optional sections (07: a second size and the dynamic arm)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument(
         "--inductor-cache", default=None, metavar="DIR",

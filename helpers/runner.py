@@ -224,8 +224,8 @@ def check_settings(settings, steps):
 
 
 def without_extras(path):
-    """The notebook at `path` without its cells tagged "extra" (optional sections, such as 07's second size, dynamic
-    arm and flags panel), and a line in their place that says so."""
+    """The notebook at `path` without its cells tagged "extra" (optional sections, such as 07's second size and dynamic
+    arm), and a line in their place that says so."""
     import nbformat
 
     notebook = nbformat.read(path, as_version=4)

@@ -32,7 +32,7 @@ set -uo pipefail
 #   the profile: 1.0, or 1.5 where the step compiles (built again, its compile loaded from the Inductor cache).
 # 01-03: 1.0 + (0.5 + 1.4) + (0.5 + 0.5) + (0.5 + 0.4) = 4.8. 03,04: 1.0 + 0.9 + (0.5 + compile + 0.4) = 2.8 +
 # compile, 5.8 to 12.8; 05 the same; 06 0.2 more (eager bf16 and int8 images of 4 steps; a FLOP count on the meta
-# device). 03,07 without 07's extra sections (a second size, dynamic shapes, the flags panel): 2.8 + 4 + 0.1 = 6.9.
+# device). 03,07 without 07's extra sections (a second size, dynamic shapes): 2.8 + 4 + 0.1 = 6.9.
 # The runner gets what the start leaves of the budget (540 s by default) less 40 s, about 7.5 minutes: a whole-UNet
 # compile over about 5.5 minutes cuts it off, and the record of the step it stopped says so.
 # Slices 6-9 run scripts/compare_regions.py, one arm each (`--merge` their regions.json files afterwards): 1.0 +

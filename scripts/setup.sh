@@ -27,8 +27,8 @@ if ! grep -q "include-system-site-packages = true" .venv/pyvenv.cfg; then
   pip=(.venv/bin/uv pip install --quiet --python .venv/bin/python)
   # Where PYTHONDONTWRITEBYTECODE is set, Python writes no .pyc files, so every process would compile what it imports
   # again (`import torch, diffusers`: 16 s instead of 5 s here): then --compile-bytecode writes them all at install,
-  # as pip does. Otherwise the first import of each module writes its own, and the install is faster: the torch and
-  # test installs took 49 s with it and 5 s without on a 2-core machine.
+  # as pip does. Otherwise the first import of each module writes its own, and the install is faster: from a fresh
+  # clone, `bash scripts/setup.sh --test` took 34 s with it and 18 s without on a 2-core machine (packages cached).
   [ -z "${PYTHONDONTWRITEBYTECODE:-}" ] || pip+=(--compile-bytecode)
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
