@@ -6,11 +6,11 @@ at least five digits (or `<i>-2.png` where an earlier job took the name: no imag
 SEED + i, so it is the same image whichever process makes it. The first process of each machine loads first
 (`local_main_process_first`): the others then find the model it downloaded and the kernels it compiled in that
 machine's caches. Every process writes the record of each image as soon as it is saved, a line of its own file
-`<out>/parts/rank-<R>.jsonl`, so a job one of whose processes dies (the launcher then stops the others) loses only
-the images not made yet. At the end the main process gathers every process's records (`gather_object`) into
-`<out>/results.json`, with those of the part files it lacks, and writes the job's images per second to
-`<out>/summary.json`: from the first process's start, and from the moment every pipeline was loaded and warmed up,
-to the last process's finish (after `wait_for_everyone`).
+`<out>/parts/rank-<R>.jsonl` (`rank-<R>-2.jsonl` and on for a later job), so a job one of whose processes dies (the
+launcher then stops the others) loses only the images not made yet. At the end the main process gathers every
+process's records (`gather_object`) into `<out>/results.json`, with those of the part files it lacks, and writes the
+job's images per second to `<out>/summary.json`: from the first process's start, and from the moment every pipeline
+was loaded and warmed up, to the last process's finish (after `wait_for_everyone`).
 
 From the project's root, with `helpers` installed (`pip install -e .`). One machine, all its GPUs (8 here):
     accelerate launch --num_processes 8 scripts/generate_many.py --prompts prompts.txt --out many

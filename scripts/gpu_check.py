@@ -38,13 +38,13 @@ a limit of its own; it does not fit beside the rest in 6 minutes: give gpu_check
 The regional rows come last among the worker's checks: a timeout in their long compile makes only the row after it
 wait for a new worker.
 Without a GPU the checks run on the CPU with the tiny model, in at most 3 minutes on 2 cores (limits: environment
-30, the flags panel, eager, 20, notebook 01 120). Each new process there imports for 20 to 35 s when others share
+20, the flags panel, eager, 50, notebook 01 100). Each new process there imports for 20 to 35 s when others share
 the cores, so the int8 and regional checks run in tests/test_scripts.py instead, in the test's process (the regional
 one without its compile: the test suite's notebook series compiles regions on the CPU in notebook 07); the rows only
 a GPU can answer say "n/a". The children run on one thread each (OMP_NUM_THREADS=1 unless set): they check that each
 path runs, not its speed, and threads competing with other work make a small machine several times slower.
 
-DIR gets at most 8 files: check.txt (the table), checks.json, results.json, latency_per_step.png, run.txt (the
+DIR gets at most 6 files: check.txt (the table), checks.json, results.json, latency_per_step.png, run.txt (the
 runner's console) and pytest.txt. `bash scripts/gpu_check.sh` wraps this with an optional folder of wheels.
 """
 
@@ -65,8 +65,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
-# The most between SIGTERM and SIGKILL, taken from the check's own limit so that none runs past it: the runner and
-# pytest clean up on SIGTERM; a worker has nothing to clean up and ends at once, its group with it.
+# The most between SIGTERM and SIGKILL, taken from the check's own limit so that none runs past it: the runner cleans
+# up on SIGTERM (pytest has no handler for it and ends at once, the SIGTERM to its group reaching its children too);
+# a worker has nothing to clean up and ends at once, its group with it.
 GRACE_S, WORKER_GRACE_S = 10, 2
 # (check, seconds) in the order they run: on an H100/H200 (see above), and on a 2-core CPU with the tiny model.
 GPU_PLAN = [("environment", 30), ("int8 matmul path", 25), ("flags panel rebuild frees", 25),

@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh [--wheels DIR] [OUT, default /tmp/gpu_check_out] [more arguments for gpu_check.py]
 # --wheels (or a WHEELS variable): a folder of wheels for a machine without internet (see scripts/wheels.sh);
 # without it, the packages python3 has are used. Without a GPU the checks run on the CPU with the tiny model.
-# OUT gets at most 8 files: log.txt, check.txt, checks.json, pytest.txt, results.json, latency_per_step.png, run.txt.
+# OUT gets at most 7 files: log.txt, check.txt, checks.json, pytest.txt, results.json, latency_per_step.png, run.txt.
 set -uo pipefail
 
 wheels=${WHEELS:-}

@@ -9,9 +9,10 @@
 #     arguments]
 # Without --wheels (or a WHEELS variable), the packages the GPU machine's python3 has are used; scripts/wheels.sh
 # says how to make a folder of wheels for a machine without internet.
-# Each slice after the first repeats step 03, so that every ratio comes from one run on one machine, and compiles
-# once, so that compile is a cold one. The profiler reuses the runner's Inductor cache. PROFILE_ARGS replaces
-# the profiler's own arguments (default "--through" the slice's last step). OUT defaults to /tmp/gpu_reference_out.
+# Slices 2-5 repeat step 03, so that every ratio comes from one run on one machine; slices 6-9 compare with their own
+# full-compile arm. Each slice compiles once, so that compile is a cold one. The profiler reuses the runner's Inductor
+# cache. PROFILE_ARGS replaces the profiler's own arguments (default "--through" the slice's last step). OUT defaults
+# to /tmp/gpu_reference_out.
 #
 # $OUT gets at most 8 files, each under 16 MB: log.txt, env.txt (nvidia-smi, versions, matmul TFLOP/s),
 # results.json, latency_per_step.png, notebooks.tar.gz (executed notebooks, images left out) and
