@@ -8,7 +8,8 @@ from .memory import compiler_counters, reset_compiler
 
 # The UNet's modules that regional compilation may compile, by name of a choice. diffusers marks only the transformer
 # block as repeated (`UNet2DConditionModel._repeated_blocks`); the others compile whole attention layers (their
-# `proj_in`/`proj_out` included, which step 06 quantized), the resnets, and the up- and down-samplers too.
+# `proj_in`/`proj_out` included, which step 06 quantized at the 1280-wide level), the resnets, and the up- and
+# down-samplers too.
 REGIONS = {
     "blocks": ("BasicTransformerBlock",),
     "attention+resnets": ("Transformer2DModel", "ResnetBlock2D"),

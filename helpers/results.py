@@ -52,6 +52,8 @@ def make_record(step, measurement, params, *, dtype, image_file=None, quality=No
     from .sources import resolve_model
     from .steps import get_step
 
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}.")
     step = get_step(step)
     height, width = image_size(params)
     record = {

@@ -76,8 +76,8 @@ def run_series(params, out_dir, only=None, progress=True, inductor_cache=None, e
     Each notebook gets a fresh Inductor cache, so every first call is a cold compile, unless `inductor_cache`
     names a folder that all of them share: faster (kernels compiled once are reused), but then the first calls
     of later notebooks are no longer cold, and the compile-time comparison of notebook 07 says less.
-    `extras=False` leaves out the cells tagged "extra" (optional sections: 07's second size, dynamic arm and flags
-    panel), for a run that must fit a short time. `settings` ({NAME: value}) sets parameters that only some
+    `extras=False` leaves out the cells tagged "extra" (optional sections: 07's second size and dynamic arm; the
+    flags panel stays), for a run that must fit a short time. `settings` ({NAME: value}) sets parameters that only some
     notebooks have, such as 08's COMPILE_MODES or 09's BATCH_SIZES, in each selected notebook that has them.
     """
     from .chart import chart_from_dir

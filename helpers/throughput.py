@@ -128,7 +128,7 @@ def measure_batch(pipe, params, batch_size, progress=True):
     except torch.OutOfMemoryError:
         measurement = None
         free_memory()
-        record = make_record("07", None, params, dtype=pipe.unet.dtype, status="out of memory", extra=extra,
+        record = make_record("07", None, params, dtype=pipe.unet.dtype, status="out_of_memory", extra=extra,
                              note=f"batch {batch_size} ran out of memory")
         print(f"batch {batch_size}: out of memory; the next batch size still runs (smaller images or a GPU with "
               "more memory would fit it).")
@@ -189,7 +189,7 @@ def table(records):
              f"{'graphs':>7} {'peak GB':>8}"]
     for r in records:
         if r["status"] != "ok":
-            lines.append(f"{r['batch_size']:>5} {r['status']}")
+            lines.append(f"{r['batch_size']:>5} {r['status'].replace('_', ' ')}")
             continue
         memory = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.2f}"
         lines.append(f"{r['batch_size']:>5} {r['images_per_s']:>9.2f} {r['s_per_image']:>8.3f} {r['median_s']:>8.3f} "

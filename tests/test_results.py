@@ -32,6 +32,11 @@ def test_record_carries_numbers_device_versions_and_what_ran(tmp_path):
     assert (auto["model"], auto["height"], auto["width"]) == (chosen, native_size(chosen), 96)
 
 
+def test_a_record_of_a_status_the_reader_would_skip_is_refused_when_made():
+    with pytest.raises(ValueError, match="status must be one of ok, out_of_memory, .* got 'out of memory'"):
+        make_record("07", None, Params(model="tiny"), dtype="bfloat16", status="out of memory")
+
+
 def test_append_keeps_every_record(tmp_path):
     for step in ("01", "02", "01"):
         append_record(tmp_path, measured(step, tmp_path))

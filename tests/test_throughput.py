@@ -114,7 +114,7 @@ def test_batch_sizes_are_checked_before_the_pipeline_loads():
     assert checked < built and "Params.from_cell" in code[checked]
 
 
-def test_a_batch_that_runs_out_of_memory_is_recorded_and_the_next_one_runs(tiny, monkeypatch, capsys):
+def test_a_batch_that_runs_out_of_memory_is_recorded_and_the_next_one_runs(tiny, monkeypatch, capsys, tmp_path):
     # A stand-in for a GPU's limit: batch 4 raises what torch raises when an allocation fails.
     pipe, params = tiny
     make = throughput.generate_batch
@@ -126,11 +126,13 @@ def test_a_batch_that_runs_out_of_memory_is_recorded_and_the_next_one_runs(tiny,
 
     monkeypatch.setattr(throughput, "generate_batch", generate)
     records = [throughput.measure_batch(pipe, params, size, progress=False) for size in (2, 4, 1)]
-    assert [r["status"] for r in records] == ["ok", "out of memory", "ok"]
+    assert [r["status"] for r in records] == ["ok", "out_of_memory", "ok"]  # the records' schema (STATUSES)
     assert records[1]["median_s"] is None and records[1]["batch_size"] == 4
     assert "batch 4: out of memory; the next batch size still runs" in capsys.readouterr().out
     assert "4 out of memory" in throughput.table(records)
     assert [r["batch_size"] for r in throughput.measured(records)] == [2, 1]
+    out = throughput.save_records(tmp_path, records).parent  # read back as the runner reads them: all three sizes
+    assert throughput.summary_of(out, records[0]["notebook"]).startswith("batch sizes 1, 2, 4: at most")
     throughput.draw_latency_throughput(records)  # draws the two that ran
 
 
