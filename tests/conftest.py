@@ -78,6 +78,7 @@ if "CXX_CACHE_DIR" not in os.environ and (compiler := shutil.which(os.environ.ge
         for folder in (launcher.parent, os.environ["CXX_CACHE_DIR"]):
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
+
 def pytest_configure(config):
     """helpers' warning filters (helpers/quiet.py) as the session's own: pytest restores the filters it found after
     loading conftest files, after collecting and after each test, so those that `import helpers` installs there would
