@@ -157,7 +157,8 @@ def quantize_int8(pipe):
 
     `set_inductor_config=False`: torchao's own setter (`recommended_inductor_config_setter`) would set five Inductor
     flags: the two that step 04 sets already, two that are on by default, and `force_fuse_int_mm_with_mul`, which
-    torch 2.13 reads nowhere (its one reader, `check_shape_cuda_and_fused_int_mm_mul_enabled`, is never called).
+    torch 2.11 and 2.13 read nowhere (its one reader, `check_shape_cuda_and_fused_int_mm_mul_enabled`, is never
+    called).
     torchao 0.17 and older also switched every fp32 matmul of the process to TF32 there.
     """
     require_torchao()
